@@ -87,10 +87,9 @@ def ok(figures, n):
 
 
 def format_table(scenarios):
-    lines = [
-        f"{'scenario':<22} {'measured':>10} {'req/s':>7} {'model':>8} {'vs model':>9} "
-        f"{'article':>8}  result",
-    ]
+    header = (f"{'scenario':<22} {'measured':>10} {'req/s':>7} {'model':>8} {'vs model':>9} "
+              f"{'article':>8}  result")
+    lines = [header]
     for s in scenarios:
         over = (s["total_s"] / s["model_s"] - 1) * 100 if s["model_s"] else 0.0
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"

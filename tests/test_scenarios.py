@@ -1,0 +1,116 @@
+"""End to end: ./run_all.sh runs all seven scenarios for real, and each has the model's shape.
+
+Short delays keep it quick; the shape does not depend on them. Tolerances are honest for a
+noisy two-core machine: a serial scenario takes about n delays, an overlapping one about one,
+and the two differ by a factor of ten, far beyond any noise.
+"""
+
+import json
+import subprocess
+import time
+
+import psutil
+import pytest
+from conftest import ROOT
+
+DELAY = 0.3
+N = 10
+
+# mode, route -> how many delays the model says the run takes (n = 10, c = 10)
+SHAPES = {
+    ("nothing", "both"): 2 * N,  # serial: n * (h + d)
+    ("almost_all", "both"): 1 + N,  # h overlaps, d is serial
+    ("almost_all", "http"): 1,  # overlaps
+    ("almost_all", "db"): N,  # serial: psycopg2 blocks the hub
+    ("all", "db"): 1,  # overlaps: the wait callback yields
+    ("all", "both"): 2,  # h + d
+    ("all", "fanout"): 1,  # ten calls at once inside each request
+}
+
+
+def lab_processes():
+    """Processes a run of the lab may start: gunicorn masters/workers, servers, PostgreSQL."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in ("lab.py", "slow_server.py", "load.py", "awl-pg-")):
+            found.add(proc.info["pid"])
+    return found
+
+
+def temporary_folders():
+    import tempfile
+    from pathlib import Path
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("awl-*")}
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    before_processes, before_folders = lab_processes(), temporary_folders()
+    started = time.monotonic()
+    result = subprocess.run(["./run_all.sh", "--delay", str(DELAY), "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, check=False)
+    took = time.monotonic() - started
+    time.sleep(0.5)  # let the last exits be reaped
+    return result, took, lab_processes() - before_processes, temporary_folders() - before_folders
+
+
+def scenarios(result):
+    return {(s["mode"], s["route"]): s for s in map(json.loads, result.stdout.splitlines())}
+
+
+def test_run_all_succeeds_with_every_response_200(run_all):
+    result, _, _, _ = run_all
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = scenarios(result)
+    assert list(found) == list(SHAPES), "the article's six in its order, then the fan-out"
+    for scenario in found.values():
+        assert scenario["statuses"] == {"200": N}, scenario
+        assert scenario["requests"] == N and scenario["concurrency"] == N
+
+
+@pytest.mark.parametrize("key", list(SHAPES), ids=["/".join(k) for k in SHAPES])
+def test_each_scenario_has_the_model_shape(run_all, key):
+    scenario = scenarios(run_all[0])[key]
+    model = SHAPES[key] * DELAY
+    assert scenario["model_s"] == pytest.approx(model)
+    # Never faster than the model (that would mean a wait was skipped), and never so slow that
+    # an overlapping scenario could pass for a serial one or a serial one gain a request's worth.
+    assert model * 0.97 <= scenario["total_s"] <= model * 1.2 + 0.15, scenario
+
+
+def test_serial_scenarios_are_ten_times_the_overlapping_ones(run_all):
+    found = scenarios(run_all[0])
+    serial_db, overlapped_db = found["almost_all", "db"], found["all", "db"]
+    assert serial_db["total_s"] / overlapped_db["total_s"] > 6
+
+
+def test_summaries_and_timelines_go_to_stderr_with_json(run_all):
+    result = run_all[0]
+    assert result.stderr.count("Summary:") == len(SHAPES)
+    assert "Traceback" not in result.stderr
+
+
+def test_nothing_is_left_behind(run_all):
+    _, _, processes_left, folders_left = run_all
+    assert not processes_left, [psutil.Process(p).cmdline() for p in processes_left
+                                if psutil.pid_exists(p)]
+    assert not folders_left
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--bogus"], "unknown flag '--bogus'"),
+    (["--delay", "abc"], "--delay"),
+    (["--delay", "0"], "--delay"),
+    (["--delay", "61"], "--delay"),
+    (["-n", "5", "-c", "10"], "-n cannot be less than -c"),
+    (["-c", "0"], "-c"),
+    (["-n"], "-n needs a value"),
+])
+def test_bad_flags_give_one_line(flags, words):
+    result = subprocess.run(["./run_all.sh", *flags], cwd=ROOT, capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("run_all.sh: error:") and words in result.stderr
