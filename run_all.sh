@@ -3,23 +3,26 @@
 #
 #   ./run_all.sh                 the article's six scenarios, then the fan-out route, at 1 s delays
 #   ./run_all.sh --delay 0.2     the same, quicker
+#   ./run_all.sh --report r.html also write the results as one self-contained HTML page
 #   ./run_all.sh --test          the test suite
 #
 # On first use it creates .venv and installs the pinned requirements: python3 is all it needs.
 # It starts the slow service and one throwaway PostgreSQL for the whole run; then, per scenario,
 # it starts `lab.py --patch MODE`, waits until it answers, sends `load.py -n 10 -c 10 -t 60` to
-# the route and stops the lab. Everything it started is stopped when it ends, fails or is
-# interrupted.
+# the route, stops the lab and says what (if anything) blocked its event loop. Everything it
+# started is stopped when it ends, fails or is interrupted.
 set -euo pipefail
 
 usage() {
   cat <<'EOF'
-usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--json] [--test [PYTEST ARGS]]
+usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--json] [--report FILE]
+       ./run_all.sh --test [PYTEST ARGS]
 
   --delay SECONDS   slow HTTP delay and pg_sleep, together (default 1; 0.2 gives a quick run)
   -n REQUESTS       requests per scenario (default 10)
   -c CONCURRENCY    requests in flight at once (default 10)
   --json            one JSON object per scenario on stdout (summaries go to stderr)
+  --report FILE     also write an HTML page: the table, each request's timeline, what blocked
   --test            run the test suite instead (extra arguments go to pytest)
 EOF
 }
@@ -41,6 +44,7 @@ declare -A ROUTE_PATHS=(
   [fanout]=/only-http-do-ten_calls_with_gevent/
 )
 
+invoked_from=$PWD  # --report paths are relative to where the user ran us, not to the lab
 cd "$(dirname "$0")"
 VENV=.venv
 PY=$VENV/bin/python
@@ -48,7 +52,7 @@ PY=$VENV/bin/python
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 
 # --- flags -----------------------------------------------------------------------------------
-delay=1 requests=10 concurrency=10 json=0 test=0
+delay=1 requests=10 concurrency=10 json=0 test=0 report=
 is_number() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$|^[.][0-9]+$ ]]; }
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 while (($#)); do
@@ -57,6 +61,7 @@ while (($#)); do
     -n) (($# > 1)) || die "-n needs a value"; requests=$2; shift 2 ;;
     -c) (($# > 1)) || die "-c needs a value"; concurrency=$2; shift 2 ;;
     --json) json=1; shift ;;
+    --report) (($# > 1)) || die "--report needs a file name"; report=$2; shift 2 ;;
     --test) test=1; shift; break ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown flag '$1' (see --help)" ;;
@@ -69,6 +74,11 @@ if ((!test)); then
   is_count "$requests" || die "-n must be a whole number above 0, not '$requests'"
   is_count "$concurrency" || die "-c must be a whole number above 0, not '$concurrency'"
   ((requests >= concurrency)) || die "-n cannot be less than -c"
+  if [[ -n $report ]]; then
+    [[ $report == /* ]] || report=$invoked_from/$report
+    [[ -d $(dirname "$report") ]] || die "--report: no such directory: $(dirname "$report")"
+    [[ ! -d $report ]] || die "--report: '$report' is a directory, not a file name"
+  fi
 fi
 
 # --- the virtual environment -----------------------------------------------------------------
@@ -212,18 +222,21 @@ for scenario in "${SCENARIOS[@]}"; do
   wait_for "${children[-1]}" || true
   stop "$lab_pid"
   [[ -s $work/$name.json ]] || die "load.py saved no figures for $mode / $route"
+  "$PY" report.py blocking "$work/$name.log" >&$out  # the log is complete once the lab stopped
 done
 
 # --- the table -------------------------------------------------------------------------------
 phase="the report"
 status=0
-if ((json)); then
-  "$PY" report.py --delay "$delay" --json "$work"/*.json || status=$?
-else
+report_flags=(--delay "$delay")
+((json)) && report_flags+=(--json)
+[[ -n $report ]] && report_flags+=(--html "$report")
+if ((!json)); then
   printf '\n=== Results (model: sync runs requests one at a time; almost_all overlaps HTTP waits'
   printf ' only; all overlaps every wait)\n'
-  "$PY" report.py --delay "$delay" "$work"/*.json || status=$?
 fi
+"$PY" report.py "${report_flags[@]}" "$work"/*.json || status=$?
+[[ -n $report && -s $report ]] && echo "run_all.sh: wrote $report" >&2
 if ((status)); then
   echo "run_all.sh: some scenarios had responses other than 200 (see the table)" >&2
 fi

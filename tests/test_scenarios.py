@@ -114,3 +114,56 @@ def test_bad_flags_give_one_line(flags, words):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("run_all.sh: error:") and words in result.stderr
+
+
+# --- The timelines and the event loop's blocking, from the same run -------------------------------
+
+def end_times(scenario):
+    return sorted(end for _, end, _ in scenario["timeline"])
+
+
+def test_every_scenario_has_one_timeline_row_per_request(run_all):
+    for key, scenario in scenarios(run_all[0]).items():
+        assert len(scenario["timeline"]) == N, key
+        assert all(start < end and status == 200 for start, end, status in scenario["timeline"])
+
+
+def test_psycopg2_without_the_wait_callback_makes_a_staircase(run_all):
+    from itertools import pairwise
+
+    ends = end_times(scenarios(run_all[0])["almost_all", "db"])
+    gaps = [later - earlier for earlier, later in pairwise(ends)]
+    assert all(gap >= 0.6 * DELAY for gap in gaps), gaps
+
+
+def test_the_wait_callback_makes_a_block(run_all):
+    ends = end_times(scenarios(run_all[0])["all", "db"])
+    assert ends[-1] - ends[0] <= 0.5 * DELAY, ends
+
+
+def test_the_blocked_event_loop_names_psycopg2(run_all):
+    found = scenarios(run_all[0])
+    blocked = found["almost_all", "db"]
+    # One line per query; the monitor may merge or miss one at the edges of the run.
+    assert blocked["blocks"] >= N - 1, blocked["blocks"]
+    assert blocked["top_culprit"].startswith("psycopg2 execute from only_database_call")
+    assert blocked["blocked_s"] >= (N - 1) * DELAY * 0.9
+
+
+def test_the_wait_callback_never_blocks_the_event_loop(run_all):
+    found = scenarios(run_all[0])
+    for key in (("all", "db"), ("all", "both")):
+        assert (found[key]["blocks"], found[key]["top_culprit"]) == (0, None), key
+
+
+def test_the_sync_worker_has_no_event_loop_to_block(run_all):
+    sync = scenarios(run_all[0])["nothing", "both"]
+    assert (sync["blocks"], sync["blocked_s"], sync["top_culprit"]) == (None, None, None)
+
+
+def test_each_scenario_says_what_blocked_its_event_loop(run_all):
+    lines = [line for line in run_all[0].stderr.splitlines() if line.startswith("Event loop:")]
+    assert len(lines) == len(SHAPES)
+    assert lines[0] == "Event loop: (sync worker: no event loop)"
+    assert lines[3].startswith("Event loop: blocked ") and "psycopg2 execute" in lines[3]
+    assert lines[4] == "Event loop: never blocked over 0.1 s"
