@@ -593,8 +593,8 @@ def report_blocked_event_loop(threshold):
     gevent's monitor thread checks every `threshold` seconds whether any greenlet switch
     happened; if not, it fires EventLoopBlocked (and would print a long multi-part report,
     which we turn off). One blocking call spans many checks, and the check cannot say when the
-    block began or ended, so we also time every switch: a block starts at the switch into the
-    blocked greenlet and ends at the switch out of it. The line is written then, once.
+    block began or ended, so we also time every switch: a block starts at the last switch (into
+    the blocked greenlet) and ends at the next one. The line is written then, once.
     """
     import gevent
     import gevent.events
@@ -605,19 +605,20 @@ def report_blocked_event_loop(threshold):
     gevent.config.print_blocking_reports = False
     hub = gevent.get_hub()
     last_switch = [time.perf_counter()]
-    blocked = [None]  # (greenlet, started, description) while a block is under way
+    blocked = [None]  # (started, description) while a block is under way
 
     def on_blocked(event):  # in the monitor thread, while the hub's thread is stuck
         if isinstance(event, gevent.events.EventLoopBlocked) and blocked[0] is None:
             frame = sys._current_frames().get(hub.thread_ident)
-            blocked[0] = (event.greenlet, last_switch[0], describe_blocking(frame))
+            blocked[0] = (last_switch[0], describe_blocking(frame))
 
     def on_switch(event, args):  # in the hub's thread, at every greenlet switch: keep it cheap
         now = time.perf_counter()
         block = blocked[0]
-        if block is not None and args[0] is block[0]:
+        if block is not None:  # any switch means the loop runs again
             blocked[0] = None
-            log_line(f"event loop blocked for {now - block[1]:.3f} s in {block[2]}")
+            if now - block[0] >= threshold:  # else the monitor saw a block as it was ending
+                log_line(f"event loop blocked for {now - block[0]:.3f} s in {block[1]}")
         last_switch[0] = now
 
     greenlet.settrace(on_switch)  # before the monitor's own tracer, which calls ours in turn
