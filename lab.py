@@ -36,6 +36,7 @@ import ctypes
 import inspect
 import ipaddress
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -184,7 +185,8 @@ def database_settings(url):
     try:
         port = parts.port
     except ValueError:
-        raise LabError(f"the database URL has a bad port: {parts.netloc!r}") from None
+        address = parts.netloc.rpartition("@")[2]  # never echo the password
+        raise LabError(f"the database URL has a bad port: {address!r}") from None
     options = dict(urllib.parse.parse_qsl(parts.query))
     host = options.pop("host", None) or parts.hostname or ""  # ?host=/dir names a Unix socket
     return {
@@ -254,11 +256,27 @@ class EmbeddedPostgres:
         self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
         user = self._system_user(self.bin_dir)
         self.run_as = {"user": user} if user else {}
-        subprocess.run([self.bin_dir / "initdb", "-D", self.data_dir / "data", "-U", "postgres",
-                        "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-                       check=True, capture_output=True, **self.run_as)
+        self._initdb()
         self.launch(timeout)
         return self.url
+
+    def _initdb(self):
+        # initdb runs a bootstrap postgres of its own: in its own session, so that an interrupt
+        # here can kill the whole group and wait for it before the folder is removed.
+        initdb = subprocess.Popen(
+            [self.bin_dir / "initdb", "-D", self.data_dir / "data", "-U", "postgres",
+             "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            **self.run_as)
+        try:
+            _, stderr = initdb.communicate()
+        except BaseException:
+            os.killpg(initdb.pid, signal.SIGKILL)
+            initdb.wait()
+            raise
+        if initdb.returncode != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
 
     def launch(self, timeout=30):
         """Start the server on the existing cluster (again, after halt())."""
@@ -313,7 +331,11 @@ class EmbeddedPostgres:
             return
         self.halt()
         if self.data_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+            for _ in range(50):  # a server that just exited may still be closing its files
+                shutil.rmtree(self.data_dir, ignore_errors=True)
+                if not self.data_dir.exists():
+                    break
+                time.sleep(0.1)
             self.data_dir = None
 
 
@@ -338,6 +360,7 @@ def build_application(options):
         LOGGING_CONFIG=None,
     )
     django.setup()
+    log_django_in_one_line()
     app_globals.update(options)
     global urlpatterns
     urlpatterns = url_patterns()
@@ -352,6 +375,27 @@ def build_application(options):
 
 
 app_globals = {}  # the worker's options, set by build_application()
+
+
+class OneLineFormatter(logging.Formatter):
+    """Django's warnings ("Bad Gateway: /only-http-call/") as one line, the exception's name
+    and message at the end instead of a traceback: the log stays readable under load."""
+
+    def format(self, record):
+        exc_info, record.exc_info, record.exc_text = record.exc_info, None, None
+        line = super().format(record)
+        if exc_info and exc_info[1] is not None:
+            line += f" ({type(exc_info[1]).__name__}: {exc_info[1]})"
+        return line.replace("\n", " ")
+
+
+def log_django_in_one_line():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s",
+                                          "%Y-%m-%d %H:%M:%S %z"))
+    django_logger = logging.getLogger("django")
+    django_logger.addHandler(handler)
+    django_logger.propagate = False
 
 
 def keep_database_connections(size):
@@ -445,6 +489,7 @@ def liveness_middleware(get_response):
     """Answer the health check before any view, URL resolution or database work."""
 
     def middleware(request):
+        request.get_host()  # applies ALLOWED_HOSTS (a 400 otherwise), which Django does lazily
         if request.path == "/healthcheck/liveness":
             return json_response({"status": "alive"})
         return get_response(request)
@@ -565,10 +610,22 @@ def ten_calls_with_gevent(request):
     else:
         import gevent
 
-        calls = [gevent.spawn(call_slow_service) for _ in range(FAN_OUT_CALLS)]
-        gevent.joinall(calls, raise_error=True)
+        # A greenlet that dies of an exception gets a traceback printed by the hub, so each
+        # call hands its error back as a value; the view then answers for the first one.
+        calls = [gevent.spawn(error_as_value, call_slow_service) for _ in range(FAN_OUT_CALLS)]
+        gevent.joinall(calls)
         movies = [call.value for call in calls]
+        for movie in movies:
+            if isinstance(movie, SlowServiceError):
+                raise movie
     return json_response({"movies": movies})
+
+
+def error_as_value(call):
+    try:
+        return call()
+    except SlowServiceError as exc:
+        return exc
 
 
 def url_patterns():
@@ -712,6 +769,15 @@ def install_wait_callback(server, worker):
     worker.log.info("psycopg2 wait callback installed: queries now yield to other greenlets")
 
 
+def leave_interrupt_to_master(worker):
+    """Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT.
+
+    A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
+    a traceback, so workers ignore SIGINT and wait for their master's word.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LabServer(BaseApplication):
     def __init__(self, settings, options):
         self.settings = settings  # Gunicorn's
@@ -741,6 +807,7 @@ def gunicorn_settings(args):
     )
     if args.patch == "all":
         settings["post_fork"] = install_wait_callback
+    settings["post_worker_init"] = leave_interrupt_to_master
     return settings
 
 
