@@ -4,14 +4,28 @@ The lab asks how a Django app behaves under Gunicorn's sync and gevent workers
 when its views wait on something slow.  This server is that something: every
 request to /api/v1/movies waits a fixed delay, then answers with a small JSON
 object.  For the numbers to mean anything, the slow service itself must never
-be the bottleneck, so:
+be the bottleneck: 1,000 concurrent requests must each wait the delay once,
+side by side.
 
-* every connection gets its own thread, and the wait is a plain time.sleep(),
-  so 1,000 concurrent requests each wait the delay once, side by side;
-* the listen backlog is large: the stdlib default of 5 makes the kernel drop
-  bursts of new connections, and the retries add whole seconds to timings;
-* HTTP/1.1 keep-alive works, so clients that reuse connections can, and no
-  answer is held back 40 ms by Nagle's algorithm on a reused connection.
+It gets there the way the lab's gevent workers do, minus the monkey-patching:
+
+* one thread runs one asyncio event loop;
+* every connection is one coroutine, which reads a request, answers it, and
+  reads the next one while the client keeps the connection alive;
+* the wait is `await asyncio.sleep(delay)`, which holds no thread at all: the
+  coroutine is parked on a timer and the loop serves everybody else meanwhile.
+
+A sleeping request costs a few kilobytes and a timer, not a thread, so a burst
+of 1,000 connections costs no thread start-ups and no thread switches.  (Contrast the lab's sync
+workers, where a blocking wait holds its whole worker for the duration.)
+
+The rest is what any server needs so as not to skew timings:
+
+* a large listen backlog: a small one makes the kernel drop bursts of new
+  connections, and the clients' retries add whole seconds to timings;
+* HTTP/1.1 keep-alive, so clients that reuse connections can;
+* each answer leaves in one write with Nagle's algorithm off, so no answer on
+  a reused connection is held back 40 ms waiting for the client's delayed ACK.
 
 Whatever is slow in a measurement is therefore the app, not this server.
 
@@ -29,7 +43,9 @@ Endpoints (GET or HEAD; other methods get 405):
                                     (0 to 60 s; anything else is a 400)
     /healthz                        {"status": "ok"} at once
 
-Every answer, errors included, is JSON with a Content-Length.
+Every answer, errors included, is JSON with a Content-Length.  Oversized
+requests are refused: a request line over 8 KiB with a 414, a header line over
+8 KiB or more than 99 headers with a 431, and a garbled request with a 400.
 
 Output: one startup line on stderr, "slow_server: serving on http://HOST:PORT
 (delay D s)", then one JSON access-log line per request on stdout with the
@@ -41,24 +57,27 @@ address that cannot be bound.
 """
 
 import argparse
+import asyncio
 import datetime
 import errno
-import http.client
 import ipaddress
+import itertools
 import json
 import math
 import random
+import re
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 PROG = "slow_server"
+SERVER_NAME = "slow_server/1.0"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 DEFAULT_DELAY = 1.0
@@ -67,19 +86,20 @@ DELAY_ERROR = f"delay must be a number of seconds from 0 to {MAX_DELAY:g}"
 
 MOVIES_PATH = "/api/v1/movies"
 HEALTH_PATH = "/healthz"
+ALLOWED_METHODS = "GET, HEAD"
 
-# The stdlib accepts 64 KiB lines.  Nothing legitimate sent to this service comes
-# close to 8 KiB, and a small limit keeps a misbehaving client cheap.
+# Nothing legitimate sent to this service comes close to 8 KiB a line (the stdlib
+# accepts 64 KiB), and a small limit keeps a misbehaving client cheap.
 MAX_LINE = 8192
-# The header count needs no help: http.client refuses more than 100 lines (the
-# blank line that ends them counts, so at most 99 headers get through).
+# The stdlib's http.server limit: 100 lines, counting the blank one that ends them.
+MAX_HEADERS = 99
 
-# A burst of connections waits in the kernel's accept queue until the accept loop
-# gets to it.  The stdlib's default of 5 overflows at once; the kernel then drops
-# connection attempts and the client retries a second or more later.
+# A burst of connections waits in the kernel's accept queue until the event loop
+# gets to it.  A short queue overflows at once; the kernel then drops connection
+# attempts and the client retries a second or more later.
 LISTEN_BACKLOG = max(1024, socket.SOMAXCONN)
 
-# An idle keep-alive connection pins a thread; hang up on it after this long.
+# An idle keep-alive connection costs little, but not nothing: hang up after this long.
 KEEPALIVE_TIMEOUT = 75.0
 
 CHARACTERS = [
@@ -115,211 +135,325 @@ def parse_bind(text):
     return host, int(port_text)
 
 
-_log_lock = threading.Lock()
+# --- reading a request ----------------------------------------------------------------
 
 
-def log_access(record):
-    # Threads share stdout; the lock keeps each line whole.  Flushing per line lets
-    # a reader (tail -f, a test, a pipe) see requests as they happen.
-    line = json.dumps(record)
-    with _log_lock:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+@dataclass
+class Request:
+    """What is known of one request; read_request() fills it in as the lines arrive."""
+
+    method: str = ""
+    path: str = ""
+    headers: dict = field(default_factory=dict)  # lower-case name -> first value
+    keep_alive: bool = False
+    started: float = 0.0  # time.monotonic() when the request line arrived
 
 
-class LineTooLong(http.client.LineTooLong):
-    """A request or header line over MAX_LINE bytes.
+class HTTPError(Exception):
+    """A request answered with an error status, after which the connection is closed
+    (the request may be half read, so the next one cannot be found)."""
 
-    Being an http.client.LineTooLong, it is answered with a 431 when it comes out
-    of the stdlib's header parsing; the request line is our code's to handle (414).
+    def __init__(self, status, message, detail=None):
+        super().__init__(message)
+        self.status = status
+        self.payload = {"error": message}
+        if detail:
+            self.payload["detail"] = detail
+
+
+class LineTooLong(Exception):
+    pass
+
+
+async def read_line(reader):
+    """Return one line of at most MAX_LINE bytes (CRLF included); b"" at end of input."""
+    try:
+        # The reader's own limit is MAX_LINE too (see SlowServer), so an endless line is
+        # refused once about 8 KiB of it are buffered.
+        line = await reader.readline()
+    except ValueError:  # how readline() reports that its limit ran out
+        raise LineTooLong() from None
+    if len(line) > MAX_LINE:
+        raise LineTooLong()
+    if line and not line.endswith(b"\n"):
+        raise EOFError("the client hung up in the middle of a line")
+    return line
+
+
+HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})", re.ASCII)
+
+
+def parse_version(text):
+    """(major, minor) from "HTTP/1.1"; a 400 if it is no version, a 505 from 2.0 on."""
+    match = HTTP_VERSION.fullmatch(text)
+    if not match:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"Bad request version ({text!r})")
+    version = int(match.group(1)), int(match.group(2))
+    if version >= (2, 0):
+        raise HTTPError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, f"Invalid HTTP version ({text[5:]})")
+    return version
+
+
+async def read_request(reader, request):
+    """Read a request line and its headers into `request`; False if the client is done.
+
+    Raises HTTPError for requests that get no normal answer (414, 431, 400, 505), on
+    the same rules as the stdlib's http.server.  Request bodies are never read.
     """
-
-    def __init__(self):
-        super().__init__("line")
-
-    def __str__(self):
-        return f"line longer than {MAX_LINE} bytes"
-
-
-class LineLimitedReader:
-    """Wraps a handler's rfile so that every line read from it is capped at MAX_LINE.
-
-    The stdlib's header parser reads with its own 64 KiB limit; going through this
-    wrapper is how our tighter limit reaches it without copying the parser.
-    """
-
-    def __init__(self, raw):
-        self._raw = raw
-
-    def readline(self, size=-1):
-        line = self._raw.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise LineTooLong()
-        return line
-
-    def __getattr__(self, name):
-        return getattr(self._raw, name)
-
-
-class SlowHandler(BaseHTTPRequestHandler):
-    """Answers each request after the delay; every answer is JSON."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive, so clients that reuse connections can
-    # Until a request line parses, the stdlib assumes HTTP/0.9, whose answers have no
-    # status line or headers; a garbled request deserves a real 400 instead.
-    default_request_version = "HTTP/1.0"
-    server_version = "slow_server/1.0"
-    timeout = KEEPALIVE_TIMEOUT
-    # Each answer leaves in one write (a buffered wfile, flushed once per request) with
-    # Nagle's algorithm off.  Written in two small pieces with Nagle on, the second piece
-    # waits for the client's delayed ACK: about 40 ms on every reused connection.
-    wbufsize = -1
-    disable_nagle_algorithm = True
-
-    def version_string(self):
-        return self.server_version
-
-    def setup(self):
-        super().setup()
-        self.rfile = LineLimitedReader(self.rfile)
-
-    def handle_one_request(self):
-        """Read and answer one request (the stdlib's version, with tighter limits and a log)."""
-        self.status = None
-        self.bytes_sent = 0
-        # Reset what an error answer may look at before the request line is parsed;
-        # an empty request_version still lets headers go out.
-        self.command = self.path = self.requestline = self.request_version = ""
-        try:
-            try:
-                self.raw_requestline = self.rfile.readline()
-            except LineTooLong:
-                self.raw_requestline = None
-            self.started = time.monotonic()
-            if self.raw_requestline is None:
-                self.send_error(
-                    HTTPStatus.REQUEST_URI_TOO_LONG, f"request line longer than {MAX_LINE} bytes"
-                )
-            elif not self.raw_requestline:
-                self.close_connection = True  # the client is done with this connection
-            elif self.parse_request():
-                self.dispatch()
-            self.wfile.flush()
-        except TimeoutError:
-            # An idle keep-alive connection, or a client that stopped half-way.
-            self.close_connection = True
-            return
-        if self.status is not None:
-            self.log_access()
-
-    def dispatch(self):
-        if self.command not in ("GET", "HEAD"):
-            self.close_connection = True  # any request body is still unread
-            self.send_json(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                {"error": f"method {self.command} not allowed"},
-                allow="GET, HEAD",
-            )
-            return
-        if "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0":
-            # We never read request bodies, so the connection cannot carry another request.
-            self.close_connection = True
-        url = urlsplit(self.path)
-        if url.path == MOVIES_PATH:
-            self.answer_movies(url.query)
-        elif url.path == HEALTH_PATH:
-            self.send_json(HTTPStatus.OK, {"status": "ok"})
-        else:
-            self.send_json(HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path}"})
-
-    def answer_movies(self, query):
-        delay = self.server.delay
-        values = parse_qs(query, keep_blank_values=True).get("delay")
-        if values:
-            try:
-                delay = parse_delay(values[-1])
-            except ValueError as err:
-                self.send_json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
-                return
-        # The lesson: a blocking wait is cheap when it has a thread to itself.
-        time.sleep(delay)
-        character, movie = random.choice(CHARACTERS)
-        self.send_json(HTTPStatus.OK, {"character": character, "movie": movie})
-
-    def send_json(self, status, payload, allow=None):
-        body = (json.dumps(payload) + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if allow:
-            self.send_header("Allow", allow)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            self.bytes_sent = len(body)
-
-    def send_error(self, code, message=None, explain=None):
-        # The stdlib answers its own errors (bad request line, 431, ...) with an HTML
-        # page; here every answer is JSON.  The request may be half read: hang up after.
-        self.close_connection = True
-        payload = {"error": message or HTTPStatus(code).phrase}
-        if explain:
-            payload["detail"] = explain
-        self.send_json(code, payload)
-
-    def log_request(self, code="-", size="-"):
-        # Called by send_response; the access line is written once the answer is out.
-        self.status = int(code)
-
-    def log_access(self):
-        now = datetime.datetime.now(datetime.UTC)
-        host, port = self.client_address[:2]
-        log_access(
-            {
-                "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "client": f"{host}:{port}",
-                "method": self.command or "",
-                "path": self.path,
-                "status": self.status,
-                "bytes": self.bytes_sent,
-                "duration_s": round(time.monotonic() - self.started, 4),
-            }
+    try:
+        raw = await read_line(reader)
+    except LineTooLong:
+        raw = None
+    request.started = time.monotonic()
+    if raw is None:
+        raise HTTPError(
+            HTTPStatus.REQUEST_URI_TOO_LONG, f"request line longer than {MAX_LINE} bytes"
         )
+    request_line = raw.decode("latin-1").rstrip("\r\n")
+    words = request_line.split()
+    if not words:
+        return False  # end of input, or a blank line where a request belongs: hang up
 
-    def log_message(self, format, *args):
-        # Only log_error still gets here (log_request no longer calls it): one stderr line.
-        sys.stderr.write(f"{PROG}: {self.address_string()}: {format % args}\n")
+    version = (1, 0)  # what a two-word request line ("GET /path") is taken for
+    if len(words) >= 3:
+        version = parse_version(words[-1])
+    if len(words) not in (2, 3):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"Bad request syntax ({request_line!r})")
+    method, path = words[:2]
+    if len(words) == 2 and method != "GET":
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f"Bad HTTP/0.9 request type ({method!r})")
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")  # as http.server does: not a URL with a host in it
+    request.method, request.path = method, path
+
+    for count in itertools.count():
+        try:
+            line = await read_line(reader)
+        except LineTooLong:
+            raise HTTPError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Line too long",
+                f"line longer than {MAX_LINE} bytes",
+            ) from None
+        if line in (b"\r\n", b"\n", b""):
+            break
+        if count == MAX_HEADERS:
+            raise HTTPError(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Too many headers",
+                f"more than {MAX_HEADERS} headers",
+            )
+        name, colon, value = line.decode("latin-1").partition(":")
+        # No colon, or space before it (which includes obsolete folded lines): garbled.
+        if not colon or not name or name != name.strip():
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "Bad header line")
+        request.headers.setdefault(name.lower(), value.strip())
+
+    # HTTP/1.1 keeps the connection open unless told otherwise; HTTP/1.0 closes it
+    # unless told otherwise.
+    tokens = {t.strip() for t in request.headers.get("connection", "").lower().split(",")}
+    request.keep_alive = "close" not in tokens and (version >= (1, 1) or "keep-alive" in tokens)
+    return True
 
 
-class SlowHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, a deep accept queue, and no waiting for sleepers on close."""
+# --- answering it -----------------------------------------------------------------------
 
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, address, delay):
+async def answer(request, delay):
+    """Route the request; return (status, JSON payload) once it is time to answer."""
+    if request.method not in ("GET", "HEAD"):
+        request.keep_alive = False  # any request body is still unread
+        return HTTPStatus.METHOD_NOT_ALLOWED, {"error": f"method {request.method} not allowed"}
+    if "transfer-encoding" in request.headers or request.headers.get("content-length", "0") != "0":
+        # We never read request bodies, so the connection cannot carry another request.
+        request.keep_alive = False
+    url = urlsplit(request.path)
+    if url.path == HEALTH_PATH:
+        return HTTPStatus.OK, {"status": "ok"}
+    if url.path != MOVIES_PATH:
+        return HTTPStatus.NOT_FOUND, {"error": f"no such path: {url.path}"}
+    values = parse_qs(url.query, keep_blank_values=True).get("delay")
+    if values:
+        try:
+            delay = parse_delay(values[-1])
+        except ValueError as err:
+            return HTTPStatus.BAD_REQUEST, {"error": str(err)}
+    # The lesson: this coroutine waits on a timer, and no thread waits with it.
+    await asyncio.sleep(delay)
+    character, movie = random.choice(CHARACTERS)
+    return HTTPStatus.OK, {"character": character, "movie": movie}
+
+
+def render(status, payload, request):
+    """The whole answer as one bytes object, and how many body bytes it carries."""
+    body = (json.dumps(payload) + "\n").encode()
+    head = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Server: {SERVER_NAME}",
+        f"Date: {formatdate(usegmt=True)}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
+        head.append(f"Allow: {ALLOWED_METHODS}")
+    if not request.keep_alive:
+        head.append("Connection: close")
+    if request.method == "HEAD":
+        body = b""
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body, len(body)
+
+
+def log_access(request, client, status, body_bytes):
+    # One JSON line per answer, flushed at once so that a reader (tail -f, a test, a
+    # pipe) sees requests as they happen.  Only the event loop's thread writes here.
+    now = datetime.datetime.now(datetime.UTC)
+    record = {
+        "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "client": client,
+        "method": request.method,
+        "path": request.path,
+        "status": int(status),
+        "bytes": body_bytes,
+        "duration_s": round(time.monotonic() - request.started, 4),
+    }
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+# --- one coroutine per connection -------------------------------------------------------
+
+
+async def serve_connection(reader, writer, delay):
+    """Read a request, answer it, and go on while the client keeps the connection alive."""
+    # A client that hung up at once may have no address left to report.
+    host, port = (writer.get_extra_info("peername") or ("unknown", 0))[:2]
+    try:
+        # asyncio turns Nagle's algorithm off for TCP already; it matters enough to say so.
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive = True
+        while keep_alive:
+            request = Request()
+            try:
+                async with asyncio.timeout(KEEPALIVE_TIMEOUT):
+                    if not await read_request(reader, request):
+                        return
+                status, payload = await answer(request, delay)
+            except HTTPError as err:
+                request.keep_alive = False
+                status, payload = err.status, err.payload
+            data, body_bytes = render(status, payload, request)
+            writer.write(data)  # one write per answer: headers and body leave together
+            await writer.drain()
+            log_access(request, f"{host}:{port}", status, body_bytes)
+            keep_alive = request.keep_alive
+    except (ConnectionError, EOFError, TimeoutError):
+        # The client hung up (a timeout in a load test), went quiet on a keep-alive
+        # connection, or stopped half-way through a request: normal, not news.
+        pass
+    except Exception as exc:  # noqa: BLE001 (a bug: one line on stderr, not a traceback)
+        sys.stderr.write(f"{PROG}: error answering {host}: {exc!r}\n")
+    finally:
+        writer.close()
+
+
+# --- the server: a listening socket and the event loop that serves it -------------------
+
+
+class SlowServer:
+    """Shaped like the stdlib's socketserver, so that it can be driven the same way.
+
+    make_server() binds and listens at once: a busy port is an error before anything is
+    printed, and connections made before serving starts wait in the backlog.
+    serve_forever() runs the event loop (in whichever thread calls it) until
+    request_stop() or shutdown() is called.
+    """
+
+    def __init__(self, sock, delay):
+        self.socket = sock
+        self.server_address = sock.getsockname()
         self.delay = delay
-        super().__init__(address, SlowHandler)
+        self._connections = set()  # a task per open connection
+        self._loop = None
+        self._stop = None  # an asyncio.Event, once the loop runs
+        self._stop_requested = False
+        self._stopped = threading.Event()
 
-    def server_bind(self):
-        # HTTPServer.server_bind also does a reverse-DNS lookup of the host, which can
-        # stall startup for seconds; nothing here needs the name.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+    def serve_forever(self):
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._stopped.set()
 
-    def handle_error(self, request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
-            return  # the client gave up (a timeout in a load test): normal, not news
-        sys.stderr.write(f"{PROG}: error answering {client_address[0]}: {exc!r}\n")
+    async def _serve(self):
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(report_loop_error)
+        self._stop = asyncio.Event()
+        self._loop = loop
+        if self._stop_requested:  # asked before the loop was there to be told
+            return
+        server = await asyncio.start_server(
+            self._accept, sock=self.socket, backlog=LISTEN_BACKLOG, limit=MAX_LINE
+        )
+        async with server:  # closes the listening socket on the way out
+            await self._stop.wait()
+        # Stopping abandons the sleepers: they have nothing worth finishing.
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+
+    def _accept(self, reader, writer):
+        # A plain function, not a coroutine: asyncio would wrap a coroutine in a task of
+        # its own; this way the task is ours to keep track of and to cancel.
+        task = asyncio.create_task(serve_connection(reader, writer, self.delay))
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
+
+    def request_stop(self):
+        """Make serve_forever() return soon; safe from any thread and from a signal handler."""
+        self._stop_requested = True
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass  # the loop has already finished: nothing left to stop
+
+    def shutdown(self):
+        """Stop serve_forever(), running in another thread, and wait until it has returned."""
+        self.request_stop()
+        self._stopped.wait()
+
+    def server_close(self):
+        self.socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.server_close()
+
+
+def report_loop_error(loop, context):
+    # asyncio's default handler logs a traceback; this service reports errors in one line.
+    exc = context.get("exception")
+    sys.stderr.write(f"{PROG}: {context['message']}" + (f": {exc!r}\n" if exc else "\n"))
 
 
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, delay=DEFAULT_DELAY):
     """Bind and listen; call serve_forever() on the result (from any thread) to serve."""
-    return SlowHTTPServer((host, port), parse_delay(delay))
+    delay = parse_delay(delay)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # As http.server does: a restarted server need not wait out old connections.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return SlowServer(sock, delay)
+
+
+# --- command line ---------------------------------------------------------------------
 
 
 class UsageError(Exception):
@@ -330,18 +464,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # One line, no usage dump: the same shape as our other errors.
         raise UsageError(message)
-
-
-class StopServing(BaseException):
-    # A BaseException, so the Exception handlers inside socketserver cannot swallow it.
-    pass
-
-
-def _stop(signum, frame):
-    # A second Ctrl-C must not interrupt the clean-up of the first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise StopServing(signum)
 
 
 def _error(message):
@@ -379,27 +501,31 @@ def main(argv=None):
         return _error(f"--delay {args.delay!r}: {err}")
 
     try:
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
-        try:
-            server = make_server(host, port, delay)
-        except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                return _error(f"port {port} on {host} is already in use")
-            return _error(f"cannot listen on {host}:{port}: {err.strerror or err}")
-        with server:
-            bound_host, bound_port = server.server_address[:2]
-            if not ipaddress.ip_address(bound_host).is_loopback:
-                sys.stderr.write(
-                    f"{PROG}: warning: listening on {bound_host}, "
-                    "which other machines may be able to reach\n"
-                )
-            url = f"http://{bound_host}:{bound_port}"
-            sys.stderr.write(f"{PROG}: serving on {url} (delay {delay} s)\n")
-            sys.stderr.flush()
-            server.serve_forever()
-    except StopServing:
-        pass
+        server = make_server(host, port, delay)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return _error(f"port {port} on {host} is already in use")
+        return _error(f"cannot listen on {host}:{port}: {err.strerror or err}")
+
+    def stop(signum, frame):
+        # A second Ctrl-C must not interrupt the clean-up of the first.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        server.request_stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    with server:
+        bound_host, bound_port = server.server_address[:2]
+        if not ipaddress.ip_address(bound_host).is_loopback:
+            sys.stderr.write(
+                f"{PROG}: warning: listening on {bound_host}, "
+                "which other machines may be able to reach\n"
+            )
+        url = f"http://{bound_host}:{bound_port}"
+        sys.stderr.write(f"{PROG}: serving on {url} (delay {delay} s)\n")
+        sys.stderr.flush()
+        server.serve_forever()
     sys.stderr.write(f"{PROG}: stopped\n")
     sys.stderr.flush()
     return 0
