@@ -170,3 +170,25 @@ def test_monitor_threshold_zero_turns_it_off(slow, start_lab):
     load(lab.url + "/only-database-call/", 2, 2)
     time.sleep(0.2)
     assert blocking_lines(lab) == []
+
+
+def test_pooled_connections_recover_when_the_slow_service_restarts(start_lab, tmp_path):
+    """Idle keep-alive connections die with the service; the next call must not fail for it."""
+    from conftest import Process
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    args = ["slow_server.py", "--bind", f"127.0.0.1:{port}", "--delay", "0.05"]
+    first = Process(args, tmp_path / "slow-1.log")
+    first.wait_until_answering(url + "/healthz")
+    lab = start_lab("all", url)
+    assert get(lab.url + "/only-http-do-ten_calls_with_gevent/")[0] == 200
+    first.stop()
+    assert get(lab.url + "/only-http-call/")[0] == 502
+    second = Process(args, tmp_path / "slow-2.log")
+    try:
+        second.wait_until_answering(url + "/healthz")
+        assert get(lab.url + "/only-http-do-ten_calls_with_gevent/")[0] == 200
+        assert [get(lab.url + "/only-http-call/")[0] for _ in range(3)] == [200, 200, 200]
+    finally:
+        second.stop()
