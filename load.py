@@ -810,13 +810,15 @@ def render_timeline(rows, total, width=80):
     """One text row per request on a shared 0..total axis; returns the string.
 
     `rows` are (start_s, end_s, status_or_None) tuples; errors are drawn with 'x'.
-    Rows are sorted by start then end. Past TIMELINE_MAX_ROWS, evenly spaced rows
-    are shown (numbered by their place among all rows), and the header says so.
+    Rows are sorted by the column their bar starts in, then by end: requests sent
+    together (microseconds apart) line up by when they finished, so a server that
+    answers one at a time draws a staircase. Past TIMELINE_MAX_ROWS, evenly spaced
+    rows are shown (numbered by their place among all rows), and the header says so.
     """
-    rows = sorted(rows, key=lambda r: (r[0], r[1]))
-    n = len(rows)
     total = max(total, max((r[1] for r in rows), default=0.0), 1e-9)
     bar_width = max(10, width - 24)
+    rows = sorted(rows, key=lambda r: (int(r[0] / total * bar_width), r[1]))
+    n = len(rows)
     picked = range(n)
     header = f"Timeline (one row per request, 0 to {total:.2f} s):"
     if n > TIMELINE_MAX_ROWS:

@@ -443,3 +443,11 @@ def test_ctrl_c_prints_the_report_and_exits_130(server):
     assert "Traceback" not in err
     assert "Summary:" in out and "Interrupted after" in out
     assert "  [200]\t" in out
+
+
+def test_timeline_of_requests_sent_together_but_answered_in_turn_is_a_staircase():
+    # Sent microseconds apart in an order unrelated to when they finished, as with -c 10.
+    rows = [(0.0001 * i, float(end), 200) for i, end in enumerate([3, 1, 4, 10, 5, 9, 2, 6, 8, 7])]
+    bars = load.render_timeline(rows, 10.0, 60).splitlines()[1:]
+    widths = [bar.count("\u2588") for bar in bars]
+    assert widths == sorted(widths) and len(set(widths)) == 10
