@@ -81,32 +81,10 @@ if ((!test)); then
   fi
 fi
 
-# --- the virtual environment -----------------------------------------------------------------
-# Reinstall only when a requirements file changed since the last install.
-ensure_venv() {
-  local wanted=$1 stamp
-  command -v python3 >/dev/null || die "python3 is not on PATH"
-  if [[ ! -x $PY ]]; then
-    echo "run_all.sh: creating $VENV (first run only)" >&2
-    python3 -m venv "$VENV" || die "could not create $VENV (on Debian: apt-get install python3-venv)"
-  fi
-  stamp=$VENV/.installed-$(cat requirements*.txt | cksum | cut -d' ' -f1)-$(basename "$wanted" .txt)
-  if [[ ! -e $stamp ]]; then
-    echo "run_all.sh: installing $wanted into $VENV" >&2
-    "$PY" -m pip install --quiet --disable-pip-version-check -r "$wanted" >&2 \
-      || die "pip could not install $wanted"
-    touch "$stamp"
-  fi
-}
-
-if ((test)); then
-  ensure_venv requirements-dev.txt
-  exec "$PY" -m pytest "$@"
-fi
-ensure_venv requirements.txt
-
 # --- processes and their cleanup -------------------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/awl-run-XXXXXX")
+# Set before anything is installed or started, so that an interrupt at any moment stops
+# everything with one line.
+work=
 phase="set-up"
 children=()
 
@@ -118,7 +96,7 @@ stop_children() {
 }
 on_exit() {
   stop_children
-  rm -rf "$work"
+  [[ -z $work ]] || rm -rf "$work"
 }
 on_signal() {
   trap - INT TERM
@@ -150,6 +128,32 @@ stop() {
   kill -TERM "$1" 2>/dev/null || true
   wait_for "$1" || true
 }
+
+# --- the virtual environment -----------------------------------------------------------------
+# Reinstall only when a requirements file changed since the last install (the development
+# requirements include the lab's own).
+ensure_venv() {
+  local wanted=$1 stamp
+  command -v python3 >/dev/null || die "python3 is not on PATH"
+  if [[ ! -x $PY ]]; then
+    echo "run_all.sh: creating $VENV (first run only)" >&2
+    python3 -m venv "$VENV" || die "could not create $VENV (on Debian: apt-get install python3-venv)"
+  fi
+  stamp=$VENV/.installed-$(cat requirements*.txt | cksum | cut -d' ' -f1)
+  [[ -e $stamp-$wanted || -e $stamp-requirements-dev.txt ]] && return
+  phase="set-up (installing $wanted)"
+  echo "run_all.sh: installing $wanted into $VENV" >&2
+  start "$PY" -m pip install --quiet --disable-pip-version-check -r "$wanted" >&2
+  wait_for "${children[-1]}" || die "pip could not install $wanted"
+  touch "$stamp-$wanted"
+}
+
+if ((test)); then
+  ensure_venv requirements-dev.txt
+  exec "$PY" -m pytest "$@"
+fi
+ensure_venv requirements.txt
+work=$(mktemp -d "${TMPDIR:-/tmp}/awl-run-XXXXXX")
 
 free_port() {
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
