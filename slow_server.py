@@ -32,8 +32,8 @@ Whatever is slow in a measurement is therefore the app, not this server.
 Run it (stdlib only, Python 3.11+):
 
     python slow_server.py                       # http://127.0.0.1:8001, delay 1.0 s
-    python slow_server.py --bind :9000 --delay 0.25
-    python slow_server.py --bind 127.0.0.1:0    # any free port; the startup line says which
+    python slow_server.py --bind 127.0.0.1:9000 --delay 0.25
+    python slow_server.py --bind [::1]:9000     # IPv6 addresses go in brackets
 
     curl 'http://127.0.0.1:8001/api/v1/movies?delay=0.2'
 
@@ -47,13 +47,14 @@ Every answer, errors included, is JSON with a Content-Length.  Oversized
 requests are refused: a request line over 8 KiB with a 414, a header line over
 8 KiB or more than 99 headers with a 431, and a garbled request with a 400.
 
-Output: one startup line on stderr, "slow_server: serving on http://HOST:PORT
+Output: one startup line on stderr, "slow_server.py: serving on http://HOST:PORT
 (delay D s)", then one JSON access-log line per request on stdout with the
 fields time, client, method, path, status, bytes (body bytes) and duration_s.
 
 Exit codes: 0 after SIGINT or SIGTERM (stopping on request is not a failure;
-sleeping requests are abandoned, not waited for); 2 for bad arguments or an
-address that cannot be bound.
+sleeping requests are abandoned, not waited for); 2, with one line
+"slow_server.py: error: ..." on stderr, for bad arguments or an address that
+cannot be resolved or bound.
 """
 
 import argparse
@@ -76,7 +77,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-PROG = "slow_server"
+PROG = "slow_server.py"
 SERVER_NAME = "slow_server/1.0"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
@@ -116,6 +117,8 @@ CHARACTERS = [
 
 def parse_delay(text):
     """Return the delay in seconds that `text` asks for, or raise ValueError."""
+    if isinstance(text, str) and not text.isascii():
+        raise ValueError(DELAY_ERROR)  # float() would take "\uff11" (a fullwidth 1) for 1.0
     try:
         delay = float(text)
     except (TypeError, ValueError):
@@ -126,13 +129,33 @@ def parse_delay(text):
     return delay
 
 
-def parse_bind(text):
-    """Split HOST:PORT, :PORT or PORT into (host, port); the host defaults to loopback."""
-    host, _, port_text = text.rpartition(":")
-    host = host or DEFAULT_HOST
-    if not port_text.isdigit() or int(port_text) > 65535 or any(c.isspace() for c in host):
-        raise ValueError(f"--bind must be HOST:PORT, :PORT or PORT (port 0-65535), got {text!r}")
-    return host, int(port_text)
+# A name or IPv4 address, or an IPv6 address in brackets; a colon; 1 to 5 ASCII digits.
+HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
+
+
+def parse_host_port(text, flag="--bind"):
+    """Split HOST:PORT into (host, port), or raise ValueError saying what is expected.
+
+    Nothing is guessed: an empty host, a missing port, or a bare IPv6 address (whose
+    last colon could belong to the address or start the port) is refused, not filled in.
+    Ports are 1-65535 in ASCII digits (int() alone would take "\uff18\uff10" for 80).
+    """
+    match = HOST_PORT.fullmatch(text)
+    try:
+        if not match or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError
+        if match["ipv6"]:
+            ipaddress.IPv6Address(match["ipv6"])  # "[zz]:80" has brackets but no address
+    except ValueError:
+        raise ValueError(
+            f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or [::1]:8000), not {text!r}"
+        ) from None
+    return match["ipv6"] or match["name"], int(match["port"])
+
+
+def host_port(host, port):
+    """HOST:PORT as one would type it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- reading a request ----------------------------------------------------------------
@@ -438,14 +461,30 @@ def report_loop_error(loop, context):
     sys.stderr.write(f"{PROG}: {context['message']}" + (f": {exc!r}\n" if exc else "\n"))
 
 
+def bind_address(host, port):
+    """(family, address) to bind: resolves a name, and keeps an IPv6 address IPv6.
+
+    A name with both kinds of address (localhost, often) binds its IPv4 one, where
+    clients of 127.0.0.1 look for it; write [::1]:PORT for IPv6.
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = min(infos, key=lambda info: info[0] != socket.AF_INET)
+    return family, address
+
+
 def make_server(host=DEFAULT_HOST, port=DEFAULT_PORT, delay=DEFAULT_DELAY):
-    """Bind and listen; call serve_forever() on the result (from any thread) to serve."""
+    """Bind and listen; call serve_forever() on the result (from any thread) to serve.
+
+    Raises socket.gaierror for a host that does not resolve, OSError for an address
+    that cannot be bound.
+    """
     delay = parse_delay(delay)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family, address = bind_address(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # As http.server does: a restarted server need not wait out old connections.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
@@ -481,8 +520,8 @@ def main(argv=None):
         "--bind",
         default=f"{DEFAULT_HOST}:{DEFAULT_PORT}",
         metavar="HOST:PORT",
-        help="address to listen on: HOST:PORT, :PORT or PORT; port 0 picks a free one "
-        "(default: %(default)s)",
+        help="address to listen on: a name, an IPv4 address or a bracketed IPv6 address, "
+        "then a port from 1 to 65535 (default: %(default)s)",
     )
     parser.add_argument(
         "--delay",
@@ -492,7 +531,7 @@ def main(argv=None):
     )
     try:
         args = parser.parse_args(argv)
-        host, port = parse_bind(args.bind)
+        host, port = parse_host_port(args.bind)
     except (UsageError, ValueError) as err:
         return _error(err)
     try:
@@ -502,10 +541,13 @@ def main(argv=None):
 
     try:
         server = make_server(host, port, delay)
+    except socket.gaierror as err:
+        reason = err.strerror or err
+        return _error(f"cannot listen on {host_port(host, port)}: {host} does not resolve ({reason})")
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
             return _error(f"port {port} on {host} is already in use")
-        return _error(f"cannot listen on {host}:{port}: {err.strerror or err}")
+        return _error(f"cannot listen on {host_port(host, port)}: {err.strerror or err}")
 
     def stop(signum, frame):
         # A second Ctrl-C must not interrupt the clean-up of the first.
@@ -525,7 +567,7 @@ def main(argv=None):
                 f"{PROG}: warning: listening on {bound_host}, "
                 "which other machines may be able to reach\n"
             )
-        url = f"http://{bound_host}:{bound_port}"
+        url = f"http://{host_port(bound_host, bound_port)}"
         sys.stderr.write(f"{PROG}: serving on {url} (delay {delay} s)\n")
         sys.stderr.flush()
         server.serve_forever()

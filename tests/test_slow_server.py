@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "slow_server.py"
 sys.path.insert(0, str(ROOT))
 
+from conftest import free_port
+
 import slow_server
 
-STARTUP = re.compile(r"slow_server: serving on http://([\d.]+):(\d+) \(delay ([\d.]+) s\)")
+STARTUP = re.compile(r"slow_server\.py: serving on http://(.+):(\d+) \(delay ([\d.]+) s\)")
 
 
 class ServerProcess:
@@ -76,7 +78,7 @@ def server(tmp_path_factory):
     """One server (default delay 0.3 s) for the request-level tests; its log goes to a file."""
     log_path = tmp_path_factory.mktemp("slow_server") / "access.log"
     with open(log_path, "w") as log:
-        proc = ServerProcess("--bind", "127.0.0.1:0", "--delay", "0.3", stdout=log)
+        proc = ServerProcess("--bind", f"127.0.0.1:{free_port()}", "--delay", "0.3", stdout=log)
     try:
         proc.port = proc.wait_started()
         proc.log_path = log_path
@@ -341,32 +343,62 @@ def test_garbled_request_line_is_a_json_400(server):
 
 
 # --- command line -------------------------------------------------------------------------
+# (tests/test_cli_errors_tools.py checks the HOST:PORT grammar of --bind case by case)
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--bind", "localhost:notaport"],
-        ["--bind", "127.0.0.1:70000"],
-        ["--bind", ""],
-        ["--delay", "-1"],
-        ["--delay", "61"],
-        ["--delay", "soon"],
-        ["--frobnicate"],
-    ],
-)
-def test_bad_arguments_exit_2_with_one_line(args):
-    result = subprocess.run(
+def run_server(*args):
+    return subprocess.run(
         [sys.executable, str(SERVER), *args],
         capture_output=True,
         text=True,
         timeout=10,
         check=False,
     )
-    assert result.returncode == 2
-    assert result.stderr.startswith("slow_server: error: ")
-    assert result.stderr.count("\n") == 1
+
+
+def assert_one_error_line(result, message=None):
+    """Exit 2 and exactly one line, "slow_server.py: error: ...", on stderr; nothing else."""
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("slow_server.py: error: "), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    if message is not None:
+        assert result.stderr == f"slow_server.py: error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--delay", "-1"], "--delay '-1': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "61"], "--delay '61': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "soon"], "--delay 'soon': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "nan"], "--delay 'nan': delay must be a number of seconds from 0 to 60"),
+        # float() would read the fullwidth and the Arabic-Indic digit one as 1.0:
+        (["--delay", "\uff11"], "--delay '\uff11': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "\u0661"], "--delay '\u0661': delay must be a number of seconds from 0 to 60"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--bind"], "argument --bind: expected one argument"),
+        (["stray"], "unrecognized arguments: stray"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    assert_one_error_line(run_server(*args), message)
+
+
+def test_host_that_does_not_resolve_is_one_line():
+    result = run_server("--bind", "nonexistent.invalid:8000")
+    assert_one_error_line(result)
+    assert "cannot listen on nonexistent.invalid:8000: nonexistent.invalid does not resolve" in (
+        result.stderr
+    )
+
+
+def test_address_that_is_not_ours_is_one_line():
+    # 192.0.2.1 is TEST-NET-1: documentation only, never an address of this machine.
+    result = run_server("--bind", "192.0.2.1:8000")
+    assert_one_error_line(result)
+    assert "cannot listen on 192.0.2.1:8000: " in result.stderr
 
 
 def test_busy_port_exits_2_naming_the_port():
@@ -374,40 +406,59 @@ def test_busy_port_exits_2_naming_the_port():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, str(SERVER), "--bind", f"127.0.0.1:{port}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    assert result.returncode == 2
-    assert result.stderr == f"slow_server: error: port {port} on 127.0.0.1 is already in use\n"
+        result = run_server("--bind", f"127.0.0.1:{port}")
+    assert_one_error_line(result, f"port {port} on 127.0.0.1 is already in use")
 
 
-def test_startup_line_names_the_real_port_and_delay():
-    proc = ServerProcess("--bind", ":0", "--delay", "0.25")
+def test_startup_line_names_the_port_and_delay():
+    port = free_port()
+    proc = ServerProcess("--bind", f"127.0.0.1:{port}", "--delay", "0.25")
     try:
-        port = proc.wait_started()
-        assert port != 0
+        assert proc.wait_started() == port
         assert f"http://127.0.0.1:{port} (delay 0.25 s)" in proc.stderr[-1]
         assert request(port, "/healthz")[0] == 200
     finally:
         proc.stop()
 
 
-def test_non_loopback_bind_warns():
-    proc = ServerProcess("--bind", "0.0.0.0:0")
+def ipv6_loopback_available():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback_available(), reason="no IPv6 loopback here")
+def test_bracketed_ipv6_address_is_served_over_ipv6():
+    port = free_port()
+    proc = ServerProcess("--bind", f"[::1]:{port}", "--delay", "0")
     try:
         proc.wait_started()
-        assert proc.stderr[0].startswith("slow_server: warning: ")
+        assert f"serving on http://[::1]:{port} (delay 0.0 s)" in proc.stderr[-1]
+        with socket.create_connection(("::1", port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        assert parse_raw(answer)[0] == 200
+    finally:
+        proc.stop()
+
+
+def test_non_loopback_bind_warns():
+    proc = ServerProcess("--bind", f"0.0.0.0:{free_port()}")
+    try:
+        proc.wait_started()
+        assert proc.stderr[0].startswith("slow_server.py: warning: ")
     finally:
         proc.stop()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_promptly_even_while_a_request_sleeps(sig):
-    proc = ServerProcess("--bind", "127.0.0.1:0", "--delay", "30")
+    proc = ServerProcess("--bind", f"127.0.0.1:{free_port()}", "--delay", "30")
     try:
         port = proc.wait_started()
         sleeper = socket.create_connection(("127.0.0.1", port))
@@ -422,5 +473,5 @@ def test_signal_stops_promptly_even_while_a_request_sleeps(sig):
     stderr = proc.stderr_text()
     assert elapsed < 2
     assert returncode == 0
-    assert stderr.endswith("slow_server: stopped\n")
+    assert stderr.endswith("slow_server.py: stopped\n")
     assert "Traceback" not in stderr
