@@ -50,6 +50,8 @@ requests are refused: a request line over 8 KiB with a 414, a header line over
 Output: one startup line on stderr, "slow_server.py: serving on http://HOST:PORT
 (delay D s)", then one JSON access-log line per request on stdout with the
 fields time, client, method, path, status, bytes (body bytes) and duration_s.
+If accept() keeps failing (out of file descriptors, say), one line a second
+says how often.
 
 Exit codes: 0 after SIGINT or SIGTERM (stopping on request is not a failure;
 sleeping requests are abandoned, not waited for); 2, with one line
@@ -102,6 +104,11 @@ LISTEN_BACKLOG = max(1024, socket.SOMAXCONN)
 
 # An idle keep-alive connection costs little, but not nothing: hang up after this long.
 KEEPALIVE_TIMEOUT = 75.0
+
+# When accept() fails (out of file descriptors, say), it fails again at once: wait this
+# long before the next try, and report the failures at most this often.
+ACCEPT_BACKOFF = 0.05
+ACCEPT_REPORT_EVERY = 1.0
 
 CHARACTERS = [
     ("Rick Blaine", "Casablanca"),
@@ -396,6 +403,7 @@ class SlowServer:
         self.server_address = sock.getsockname()
         self.delay = delay
         self._connections = set()  # a task per open connection
+        self._accept_errors = AcceptErrors()
         self._loop = None
         self._stop = None  # an asyncio.Event, once the loop runs
         self._stop_requested = False
@@ -414,22 +422,46 @@ class SlowServer:
         self._loop = loop
         if self._stop_requested:  # asked before the loop was there to be told
             return
-        server = await asyncio.start_server(
-            self._accept, sock=self.socket, backlog=LISTEN_BACKLOG, limit=MAX_LINE
-        )
-        async with server:  # closes the listening socket on the way out
-            await self._stop.wait()
+        accepting = asyncio.create_task(self._accept_forever())
+        await self._stop.wait()
         # Stopping abandons the sleepers: they have nothing worth finishing.
+        accepting.cancel()
         for task in self._connections:
             task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.gather(accepting, *self._connections, return_exceptions=True)
+        self._accept_errors.report()
 
-    def _accept(self, reader, writer):
-        # A plain function, not a coroutine: asyncio would wrap a coroutine in a task of
-        # its own; this way the task is ours to keep track of and to cancel.
-        task = asyncio.create_task(serve_connection(reader, writer, self.delay))
-        self._connections.add(task)
-        task.add_done_callback(self._connections.discard)
+    async def _accept_forever(self):
+        """Accept connections and give each a task of its own, which is ours to cancel.
+
+        asyncio.start_server() would do this, but when accept() fails for want of file
+        descriptors, Python 3.11's loop logs the failure and schedules a retry up to
+        backlog times per wake-up: hundreds of thousands of lines, and a busy CPU. Here
+        a failure is counted (see AcceptErrors) and the next try waits ACCEPT_BACKOFF:
+        the connection stays in the backlog until connections being answered close.
+        """
+        loop = asyncio.get_running_loop()
+        self.socket.setblocking(False)
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.socket)
+            except ConnectionAbortedError:
+                continue  # the client gave up while waiting in the backlog: nothing to do
+            except OSError as exc:
+                self._accept_errors.add(exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            task = asyncio.create_task(self._serve_socket(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    async def _serve_socket(self, conn):
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=MAX_LINE)
+        except OSError:
+            conn.close()  # gone before it could be set up: nothing to answer
+            return
+        await serve_connection(reader, writer, self.delay)
 
     def request_stop(self):
         """Make serve_forever() return soon; safe from any thread and from a signal handler."""
@@ -453,6 +485,37 @@ class SlowServer:
 
     def __exit__(self, *exc_info):
         self.server_close()
+
+
+class AcceptErrors:
+    """Counts failed accept() calls and reports them at most once a second, with a count.
+
+    Out of file descriptors, every try fails the same way: one line per failure would
+    bury the rest of the log (and cost more than the failures themselves).
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.last = None  # the latest failure, as an OSError
+        self.since = None  # time.monotonic() of the first failure not reported yet
+
+    def add(self, exc):
+        self.count += 1
+        self.last = exc
+        if self.since is None:
+            self.since = time.monotonic()
+            asyncio.get_running_loop().call_later(ACCEPT_REPORT_EVERY, self.report)
+
+    def report(self):
+        if self.count:
+            times = "time" if self.count == 1 else "times"
+            seconds = time.monotonic() - self.since
+            sys.stderr.write(
+                f"{PROG}: accept failed {self.count} {times} in the last {seconds:.1f} s: "
+                f"{self.last}\n"
+            )
+            sys.stderr.flush()
+        self.count, self.since = 0, None
 
 
 def report_loop_error(loop, context):

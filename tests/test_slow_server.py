@@ -2,8 +2,10 @@
 
 import http.client
 import json
+import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -475,3 +477,73 @@ def test_signal_stops_promptly_even_while_a_request_sleeps(sig):
     assert returncode == 0
     assert stderr.endswith("slow_server.py: stopped\n")
     assert "Traceback" not in stderr
+
+
+# --- out of file descriptors --------------------------------------------------------------
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a running process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"), reason="needs Linux: prlimit, /proc")
+def test_out_of_file_descriptors_is_logged_once_a_second_without_spinning():
+    """With 64 descriptors and 200 clients holding their connections, accept() fails on
+    every try; the log gets a line a second with a count, not one line per failure, the
+    CPU stays idle, and once the clients let go the server answers again."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVER), "--bind", f"127.0.0.1:{port}", "--delay", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    clients = []
+    try:
+        # As `prlimit --nofile=64 --pid PID` would; the server has fewer open than that yet.
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (64, 64))
+        assert STARTUP.fullmatch(proc.stderr.readline().rstrip("\n"))
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")  # keep-alive
+            clients.append(sock)
+        time.sleep(0.5)  # the server uses up its descriptors
+        cpu_before = cpu_seconds(proc.pid)
+        time.sleep(3)
+        cpu_used = cpu_seconds(proc.pid) - cpu_before
+        for sock in clients:
+            sock.close()
+        clients.clear()
+        # Once the clients are gone the server frees its descriptors and answers again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                status = request(port, "/healthz", timeout=2)[0]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not recover"
+        assert status == 200
+    finally:
+        for sock in clients:
+            sock.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = stderr.splitlines()
+    failures = [line for line in lines if "accept failed" in line]
+    assert failures, stderr
+    assert len(lines) < 50, f"{len(lines)} lines of log, first ones: {lines[:5]}"
+    assert re.fullmatch(
+        r"slow_server\.py: accept failed \d+ times? in the last \d+\.\d s: "
+        r"\[Errno 24\] Too many open files",
+        failures[0],
+    ), failures[0]
+    assert "Traceback" not in stderr
+    assert cpu_used < 1.0, f"{cpu_used:.2f} s of CPU in 3 s while out of descriptors: spinning"
+    assert proc.returncode == 0
