@@ -20,7 +20,10 @@ shared out exactly (hey drops the remainder of n/c); only http:// URLs; -t limit
 the connect, each wait for data, and the whole body read.
 
 Exit codes: 0 when at least one response arrived (any status), 1 when none did,
-2 for a usage error, 130 when interrupted with Ctrl-C (the report still prints).
+130 when interrupted with Ctrl-C (the report still prints), and 2, with one line
+"load.py: error: ..." on stderr, for a bad flag or URL, a --save file that cannot
+be written, or too few threads for -c; these are found before the first request
+is sent.
 """
 
 import argparse
@@ -28,6 +31,7 @@ import heapq
 import ipaddress
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -82,10 +86,20 @@ class _Parser(argparse.ArgumentParser):
 def parse_duration(text):
     """Parse a Go-style duration ("10s", "1m30s", "500ms", "1.5h") into seconds."""
     units = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|ms|s|m|h)", text)
+    parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|ms|s|m|h)", text, re.ASCII)
     if not parts or "".join(num + unit for num, unit in parts) != text:
         raise ValueError(f"invalid duration {text!r} (use e.g. 10s, 1m, 500ms)")
     return sum(float(num) * units[unit] for num, unit in parts)
+
+
+def _ascii(convert):
+    """An argparse type: convert(text), for ASCII text only (int() reads "\u0663" as 3)."""
+    def parse(text):
+        if not text.isascii():
+            raise ValueError(text)
+        return convert(text)
+    parse.__name__ = convert.__name__  # argparse's message says "invalid int value"
+    return parse
 
 
 def _parse_header(text):
@@ -105,11 +119,12 @@ def parse_args(argv):
         description="Send HTTP requests concurrently and report timings (like hey).",
     )
     add = parser.add_argument
-    add("-n", type=int, default=DEFAULT_REQUESTS, help="number of requests (default 200)")
-    add("-c", type=int, default=DEFAULT_CONCURRENCY, help="concurrent workers (default 50)")
-    add("-q", type=float, default=0, help="rate limit per worker, in requests/s (0: none)")
+    add("-n", type=_ascii(int), default=DEFAULT_REQUESTS, help="number of requests (default 200)")
+    add("-c", type=_ascii(int), default=DEFAULT_CONCURRENCY, help="concurrent workers (default 50)")
+    add("-q", type=_ascii(float), default=0, help="rate limit per worker, requests/s (0: none)")
     add("-z", default=None, help="run for this long (e.g. 10s, 1m); -n is then ignored")
-    add("-t", type=float, default=DEFAULT_TIMEOUT_S, help="timeout per request, s (0: none)")
+    add("-t", type=_ascii(float), default=DEFAULT_TIMEOUT_S,
+        help="timeout per request, s (0: none)")
     add("-m", default="GET", help="HTTP method (default GET)")
     add("-H", action="append", default=[], help="header 'Name: value' (repeatable)")
     add("-d", default=None, help="request body")
@@ -153,6 +168,27 @@ def parse_args(argv):
     return opts
 
 
+def check_save_file(path):
+    """Make sure --save's file can be written, before the run: a typo in its name must
+    not cost a whole run's figures.
+
+    The file is opened for writing as a test, but not emptied (the old figures stay
+    until new ones replace them); one that did not exist is removed again.
+    """
+    if os.path.isdir(path):
+        raise UsageError(f"--save {path}: is a folder, not a file")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise UsageError(f"--save {path}: no such folder {folder}")
+    existed = os.path.exists(path)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+    except OSError as exc:
+        raise UsageError(f"--save {path}: cannot write there ({exc.strerror})") from None
+    if not existed:
+        os.unlink(path)
+
+
 # --- What to send --------------------------------------------------------------
 
 
@@ -172,17 +208,11 @@ class Target:
             raise UsageError(f"invalid URL {opts.url!r}: {exc}") from None
         if parts.scheme != "http":
             raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
-        try:
-            host, port = parts.hostname, parts.port or 80
-        except ValueError:
-            raise UsageError(f"invalid port in URL: {opts.url}") from None
-        if not host:
-            raise UsageError(f"URL has no host: {opts.url}")
+        authority = parts.netloc.rpartition("@")[2]  # host[:port], as typed
+        host, port = url_host_port(authority, opts.url)
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      safe="/?=&;:@!$'()*+,~%-._")  # as a browser would send it
-        host_header = f"[{host}]" if ":" in host else host
-        if parts.port:
-            host_header += f":{parts.port}"
+        host_header = authority
 
         body = opts.d.encode() if opts.d is not None else b""
         headers = {"host": ("Host", host_header), "user-agent": ("User-Agent", USER_AGENT)}
@@ -202,6 +232,37 @@ class Target:
             raise UsageError("headers and URL must be ASCII/latin-1 text") from None
         return cls(opts.url, opts.m, host, port, request, not opts.disable_keepalive,
                    opts.t or None)
+
+
+# host[:port] of a URL: an IPv6 address in brackets, or a name (or IPv4 address) made of
+# the characters RFC 3986 allows in one; the port is checked on its own.
+URL_AUTHORITY = re.compile(
+    r"(?:\[(?P<ipv6>[^\]]*)\]|(?P<name>[A-Za-z0-9._~%!$&'()*+,;=-]*))(?::(?P<port>.*))?")
+
+
+def url_host_port(authority, url):
+    """(host, port) of a URL's host[:port], the port 80 if none is given.
+
+    Stricter than urlsplit(), which (depending on the Python version) lets through
+    "[zz]" or "[::1]x" as hosts, "\uff18\uff10" (fullwidth digits) as port 80, and
+    port 0: each would fail only at connect time, once per request.
+    """
+    match = URL_AUTHORITY.fullmatch(authority)
+    if not match:
+        raise UsageError(f"invalid host in URL: {url}")
+    host, port = match["ipv6"] or match["name"], match["port"]
+    if not host:
+        raise UsageError(f"URL has no host: {url}")
+    if match["ipv6"]:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UsageError(f"invalid IPv6 address in URL: {url}") from None
+    if not port:  # no port, or an empty one ("host:"), means the default
+        return host, 80
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise UsageError(f"invalid port in URL (use 1 to 65535): {url}")
+    return host, int(port)
 
 
 def _literal_address(host, port):
@@ -878,18 +939,25 @@ def write_csv(rows, out):
 # --- Main --------------------------------------------------------------------------
 
 
+def _usage_error(message):
+    print(f"load.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
+    # Everything that can be wrong with the command line or the environment is found
+    # here, before the first request.
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
+        if opts.save:
+            check_save_file(opts.save)
     except UsageError as exc:
-        print(f"load.py: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc)
 
     try:
         run = run_load(opts, show_progress=sys.stderr.isatty())
     except UsageError as exc:
-        print(f"load.py: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(exc)
     summary = summarize(run.rows(), run.total, url=opts.url, method=opts.m,
                         concurrency=opts.c, interrupted=run.interrupted,
                         overflow=run.overflow())
@@ -905,8 +973,11 @@ def main(argv=None):
             out.write(render_timeline(bars, run.total, shutil.get_terminal_size().columns))
     out.flush()
     if opts.save:
-        with open(opts.save, "w") as saved:
-            write_json(summary, run.rows(), saved)
+        try:
+            with open(opts.save, "w") as saved:
+                write_json(summary, run.rows(), saved)
+        except OSError as exc:  # a full disk, say: the report above is all there is
+            return _usage_error(f"--save {opts.save}: {exc.strerror or exc}")
 
     if run.interrupted:
         return 130

@@ -451,3 +451,4 @@ def test_timeline_of_requests_sent_together_but_answered_in_turn_is_a_staircase(
     bars = load.render_timeline(rows, 10.0, 60).splitlines()[1:]
     widths = [bar.count("\u2588") for bar in bars]
     assert widths == sorted(widths) and len(set(widths)) == 10
+
