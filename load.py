@@ -19,6 +19,11 @@ per second); the Details line shows each phase's own fastest and slowest; -n is
 shared out exactly (hey drops the remainder of n/c); only http:// URLs; -t limits
 the connect, each wait for data, and the whole body read.
 
+--json (and --save FILE) give the figures as one JSON object. Its started_at and
+ended_at are Unix times: when the requests were released, and when the last one
+ended (started_at + total_s); other tools use them to tell which server-side
+events belong to which run.
+
 Exit codes: 0 when at least one response arrived (any status), 1 when none did,
 130 when interrupted with Ctrl-C (the report still prints), and 2, with one line
 "load.py: error: ..." on stderr, for a bad flag or URL, a --save file that cannot
@@ -627,9 +632,10 @@ class Progress(threading.Thread):
 class Run:
     """The outcome of a run: per-worker stamps plus what the clock said."""
 
-    def __init__(self, workers, errors, start, total, interrupted, kept_counts):
+    def __init__(self, workers, errors, start, total, interrupted, kept_counts, started_at):
         self.workers, self.errors, self.start = workers, errors, start
         self.total, self.interrupted, self.kept_counts = total, interrupted, kept_counts
+        self.started_at = started_at  # Unix time of offset 0
 
     def rows(self):
         """All kept requests as Rows, in start order (each worker's are already)."""
@@ -664,10 +670,15 @@ def run_load(opts, show_progress=False):
     """Start the workers together, wait for them (or -z, or Ctrl-C) and return a Run."""
     counts = share(opts.n, opts.c) if opts.duration is None else [sys.maxsize] * opts.c
     keep = -(-MAX_KEPT_ROWS // opts.c)
-    stop, errors, clock = threading.Event(), ErrorBook(), []
-    # The barrier's action runs once every thread is waiting, just before all are
-    # released: that instant is offset 0 of the run.
-    gate = threading.Barrier(opts.c + 1, action=lambda: clock.append(time.perf_counter()))
+    stop, errors, clock, wall = threading.Event(), ErrorBook(), [], []
+
+    def release():
+        # The barrier's action runs once every thread is waiting, just before all are
+        # released: that instant is offset 0 of the run, and its Unix time is started_at.
+        clock.append(time.perf_counter())
+        wall.append(time.time())
+
+    gate = threading.Barrier(opts.c + 1, action=release)
     workers = [Worker(opts.target, n, opts.q, gate, stop, errors, keep) for n in counts]
     threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
     progress = None
@@ -710,7 +721,8 @@ def run_load(opts, show_progress=False):
                    default=start)
     overflowed = any(w.overflow for w in workers)
     total = end - start if interrupted or overflowed else max(last_end - start, 0.0)
-    return Run(workers, errors, start, total, interrupted, kept_counts)
+    started_at = wall[0] if wall else time.time()
+    return Run(workers, errors, start, total, interrupted, kept_counts, started_at)
 
 
 # --- Statistics: pure functions over Rows --------------------------------------------
@@ -757,11 +769,13 @@ _PHASES = ("dns_dialup", "dns_lookup", "req_write", "resp_wait", "resp_read")
 
 
 def summarize(rows, total, url="", method="GET", concurrency=0, interrupted=False,
-              overflow=None):
+              overflow=None, started_at=None):
     """All report figures (the JSON schema minus the timeline) from Rows.
 
     Latency figures cover requests that got a response; errors are only counted.
     `overflow` is (status Counter, error Counter, bytes) for requests not kept as rows.
+    `started_at` is the Unix time the requests were released; with it, ended_at is
+    started_at + total_s, so that server logs can be matched to the run.
     """
     latencies, statuses, errors = [], Counter(), Counter()
     phase_sums = [0.0] * 5
@@ -800,6 +814,8 @@ def summarize(rows, total, url="", method="GET", concurrency=0, interrupted=Fals
         "method": method,
         "requests": responses + sum(errors.values()),
         "concurrency": concurrency,
+        "started_at": started_at,
+        "ended_at": None if started_at is None else started_at + total,
         "total_s": total,
         "slowest_s": latencies[-1] if latencies else None,
         "fastest_s": latencies[0] if latencies else None,
@@ -960,7 +976,7 @@ def main(argv=None):
         return _usage_error(exc)
     summary = summarize(run.rows(), run.total, url=opts.url, method=opts.m,
                         concurrency=opts.c, interrupted=run.interrupted,
-                        overflow=run.overflow())
+                        overflow=run.overflow(), started_at=run.started_at)
     out = sys.stdout
     if opts.json:
         write_json(summary, run.rows(), out)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 import load
 
 JSON_KEYS = {
-    "url", "method", "requests", "concurrency", "total_s", "slowest_s", "fastest_s",
+    "url", "method", "requests", "concurrency", "started_at", "ended_at", "total_s",
+    "slowest_s", "fastest_s",
     "average_s", "rps", "total_data_bytes", "size_per_request", "histogram",
     "latency_distribution", "details", "status_codes", "errors", "interrupted", "timeline",
 }
@@ -451,4 +452,20 @@ def test_timeline_of_requests_sent_together_but_answered_in_turn_is_a_staircase(
     bars = load.render_timeline(rows, 10.0, 60).splitlines()[1:]
     widths = [bar.count("\u2588") for bar in bars]
     assert widths == sorted(widths) and len(set(widths)) == 10
+
+
+# --- Start and end as Unix times -----------------------------------------------------
+
+
+def test_json_says_when_the_run_started_and_ended(server, tmp_path):
+    saved = tmp_path / "figures.json"
+    before = time.time()
+    code, result, _ = run_json("-n", "4", "-c", "2", "--save", str(saved),
+                               f"{server}/sleep?s=0.2")
+    after = time.time()
+    assert code == 0
+    assert before < result["started_at"] < result["ended_at"] < after
+    assert result["ended_at"] - result["started_at"] == pytest.approx(result["total_s"], abs=2e-6)
+    assert result["ended_at"] - result["started_at"] >= 0.4  # two requests in turn per worker
+    assert json.loads(saved.read_text()) == result
 
