@@ -27,8 +27,8 @@ events belong to which run.
 Exit codes: 0 when at least one response arrived (any status), 1 when none did,
 130 when interrupted with Ctrl-C (the report still prints), and 2, with one line
 "load.py: error: ..." on stderr, for a bad flag or URL, a --save file that cannot
-be written, or too few threads for -c; these are found before the first request
-is sent.
+be written, or too few threads or open files for -c; these are found before the
+first request is sent.
 """
 
 import argparse
@@ -50,6 +50,11 @@ from bisect import bisect_left
 from collections import Counter, namedtuple
 from urllib.parse import quote, urlsplit
 
+try:
+    import resource  # Unix only
+except ImportError:
+    resource = None
+
 # --- Configuration ---------------------------------------------------------
 
 DEFAULT_REQUESTS = 200
@@ -67,6 +72,11 @@ PROGRESS_AFTER_S = 1.0
 PROGRESS_EVERY_S = 0.2
 MAX_SECONDS = 24 * 3600.0  # longest -t and -z: beyond this, timers overflow
 MAX_CONCURRENCY = 10_000  # threads; far more than a laptop can start anyway
+# A worker needs little stack; the default (often 8 MiB) would have 1,000 workers reserve
+# 8 GiB of address space, which a `ulimit -v` or a strict overcommit policy refuses.
+WORKER_STACK = 256 * 1024
+# Open files besides the workers' sockets: stdin/out/err, --save's file, and some spare.
+SPARE_FILES = 16
 
 # One finished request, as offsets and durations in seconds from the run start.
 # status is None and error holds a message when no response arrived.
@@ -171,6 +181,32 @@ def parse_args(argv):
         raise UsageError(f"-m: invalid method {opts.m!r}")
     opts.target = Target.from_options(opts)
     return opts
+
+
+def check_open_files(concurrency):
+    """Make sure each worker can open its socket; refuse the run up front if not.
+
+    Past the open-file limit, connect() fails with "too many open files" and the run
+    measures that instead of the server. A soft limit below the hard one is raised to
+    it first (any process may do that), as Go programs do on start; so the limit that
+    can stop the run is the hard one.
+    """
+    if resource is None:
+        return
+    needed = concurrency + SPARE_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    if soft == unlimited or soft >= needed:
+        return
+    if hard == unlimited or hard >= needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == unlimited else hard, hard))
+            return
+        except (ValueError, OSError):
+            pass  # the system would not let us after all: say so below
+    limit = soft if hard == unlimited else hard
+    raise UsageError(f"-c {concurrency} needs about {needed} open files but the limit is "
+                     f"{limit} (raise it with ulimit -n)")
 
 
 def check_save_file(path):
@@ -666,6 +702,27 @@ class Run:
         return statuses, errors, size
 
 
+def start_threads(threads, gate):
+    """Start the workers, each on a WORKER_STACK stack; they wait at `gate`.
+
+    At the system's thread limit, the gate is broken (the started ones return at
+    once) and the run refused: no request has been sent yet.
+    """
+    previous = threading.stack_size(WORKER_STACK)
+    try:
+        for started, thread in enumerate(threads):
+            try:
+                thread.start()
+            except RuntimeError:
+                gate.abort()
+                for running in threads[:started]:
+                    running.join()
+                raise UsageError(f"cannot start {len(threads)} threads (only {started}): "
+                                 "lower -c") from None
+    finally:
+        threading.stack_size(previous)
+
+
 def run_load(opts, show_progress=False):
     """Start the workers together, wait for them (or -z, or Ctrl-C) and return a Run."""
     counts = share(opts.n, opts.c) if opts.duration is None else [sys.maxsize] * opts.c
@@ -687,15 +744,7 @@ def run_load(opts, show_progress=False):
         # Even if our parent ignored SIGINT (e.g. started us in the background).
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        for started, thread in enumerate(threads):
-            try:
-                thread.start()
-            except RuntimeError:  # the system's thread limit
-                gate.abort()
-                for running in threads[:started]:
-                    running.join()
-                raise UsageError(f"cannot start {opts.c} threads (only {started}): "
-                                 "lower -c") from None
+        start_threads(threads, gate)
         gate.wait()
         if show_progress:
             progress = Progress(workers, opts.n, opts.duration, clock[0])
@@ -965,6 +1014,7 @@ def main(argv=None):
     # here, before the first request.
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
+        check_open_files(opts.c)
         if opts.save:
             check_save_file(opts.save)
     except UsageError as exc:

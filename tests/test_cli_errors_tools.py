@@ -215,3 +215,10 @@ def test_load_save_check_leaves_no_file_behind_and_keeps_old_figures(tmp_path, l
     assert old.read_text() == "old figures\n"
     assert listener.connections() == 0
 
+
+def test_load_refuses_a_concurrency_over_the_open_file_limit(listener):
+    result = run_tool("-c", with_limit("RLIMIT_NOFILE", 100, 100), "load.py", "-n", "1000",
+                      "-c", "1000", listener.url)
+    assert_one_error(result, "load.py", "-c 1000 needs about 1016 open files but the limit is "
+                     "100 (raise it with ulimit -n)")
+    assert listener.connections() == 0

@@ -4,6 +4,7 @@ against small local servers started here (sleepy, big, resetting, hanging)."""
 import json
 import os
 import pty
+import resource
 import signal
 import socket
 import struct
@@ -469,3 +470,38 @@ def test_json_says_when_the_run_started_and_ended(server, tmp_path):
     assert result["ended_at"] - result["started_at"] >= 0.4  # two requests in turn per worker
     assert json.loads(saved.read_text()) == result
 
+
+# --- 1,000 connections at once ---------------------------------------------------------
+
+
+def load_with_file_limit(soft, hard, *args, timeout=60):
+    """The real load.py, in a process whose open-file limit is (soft, hard) from the start."""
+    code = ("import resource, runpy, sys; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, "load.py", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def slow_server_1s(start_slow_server):
+    return start_slow_server(delay=1)
+
+
+@pytest.mark.skipif(resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1100, reason="needs an open-file limit over 1,100")
+def test_a_thousand_connections_at_once_each_wait_the_delay_once(slow_server_1s):
+    code, result, elapsed = run_json("-n", "1000", "-c", "1000", "-t", "30",
+                                     f"{slow_server_1s.url}/api/v1/movies")
+    assert code == 0
+    assert result["status_codes"] == {"200": 1000} and result["errors"] == {}
+    assert result["fastest_s"] >= 1.0
+    # Served one after another, that would be 1,000 s. Waking 1,000 Python threads
+    # takes a few tenths of a second (they take turns at the GIL), hence the margin.
+    assert 1.0 <= result["total_s"] < 2.5, result["total_s"]
+    assert elapsed < 10
+
+
+def test_a_soft_open_file_limit_is_raised_to_the_hard_one(server):
+    proc = load_with_file_limit(64, 1024, "--json", "-n", "200", "-c", "200", f"{server}/")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["status_codes"] == {"200": 200}
