@@ -136,18 +136,17 @@ def parse_delay(text):
     return delay
 
 
-# A name or IPv4 address, or an IPv6 address in brackets; a colon; 1 to 5 ASCII digits.
-HOST_PORT = re.compile(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})")
-
-
 def parse_host_port(text, flag="--bind"):
     """Split HOST:PORT into (host, port), or raise ValueError saying what is expected.
 
     Nothing is guessed: an empty host, a missing port, or a bare IPv6 address (whose
     last colon could belong to the address or start the port) is refused, not filled in.
     Ports are 1-65535 in ASCII digits (int() alone would take "\uff18\uff10" for 80).
+    lab.py has a copy of this function: each tool runs on its own.
     """
-    match = HOST_PORT.fullmatch(text)
+    # A name or IPv4 address, or an IPv6 address in brackets; a colon; 1 to 5 ASCII digits.
+    match = re.fullmatch(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})",
+                         text)
     try:
         if not match or not 1 <= int(match["port"]) <= 65535:
             raise ValueError
