@@ -253,7 +253,7 @@ class Target:
         host, port = url_host_port(authority, opts.url)
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      safe="/?=&;:@!$'()*+,~%-._")  # as a browser would send it
-        host_header = authority
+        host_header = authority.removesuffix(":")  # "host:" (an empty port) means "host"
 
         body = opts.d.encode() if opts.d is not None else b""
         headers = {"host": ("Host", host_header), "user-agent": ("User-Agent", USER_AGENT)}
