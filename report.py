@@ -1,126 +1,90 @@
 """Put the lab's scenarios side by side: measured total, the model's time, the article's figure.
 
-run_all.sh saves each scenario's figures as load.py JSON, named NN-MODE-ROUTE.json, and the lab's
-server log next to it as NN-MODE-ROUTE.log, and calls
+run_all.sh saves each scenario's figures as load.py JSON, named NN-SETUP-ROUTE.json, and each
+lab's event records (one JSON object a line, from `lab.py --events`) as SETUP.events beside
+them, and calls
 
-    python report.py blocking RESULTS_DIR/NN-MODE-ROUTE.log  # one line: what blocked the loop
-    python report.py --delay 1 RESULTS_DIR/*.json            # the results table
-    python report.py --delay 1 --json RESULTS_DIR/*.json     # one JSON object per scenario
+    python report.py blocking RESULTS_DIR/NN-SETUP-ROUTE.json  # one line: what blocked the loop
+    python report.py --delay 1 RESULTS_DIR/*.json              # the results table
+    python report.py --delay 1 --json RESULTS_DIR/*.json       # one JSON object per scenario
     python report.py --delay 1 --html report.html RESULTS_DIR/*.json   # also a one-file page
 
-The model is the lesson in one line per mode (h = HTTP delay, d = DB delay, n requests sent c at a
-time, one worker; ceil(n/c) "rounds" where waits overlap):
-    nothing     one request at a time:                    n * (time of one request)
-    almost_all  HTTP waits overlap, psycopg2 blocks all:  http: rounds*h   db: n*d   both: h + n*d
-    all         every wait overlaps:                      rounds * (time of one request)
-
-The server log backs the model with evidence: in the gevent modes lab.py logs one line each time
-the event loop was blocked, naming the library call and the view that made it.
+The setups, routes, models and the article's figures are lab.py's (SETUPS, ROUTES, SCENARIOS):
+this file only reads them. A block of the event loop belongs to the scenario during whose load
+run it began (load.py's started_at and ended_at).
 """
 
 import argparse
 import json
 import math
-import re
 import sys
 from collections import Counter
 from datetime import datetime
 from html import escape
 from pathlib import Path
 
-ROUTES = {
-    "http": "/only-http-call/",
-    "db": "/only-database-call/",
-    "both": "/both-http-and-database-calls/",
-    "fanout": "/only-http-do-ten_calls_with_gevent/",
-}
-FAN_OUT_CALLS = 10  # lab.py makes this many slow calls in the fan-out route
-# lab.py's view functions: the frame that says which route blocked the event loop.
-LAB_VIEWS = {"only_http_call", "only_database_call", "both_http_and_database_calls",
-             "ten_calls_with_gevent"}
+import lab
 
-# The article's totals for hey -n 10 -c 10 at 1 s delays (seconds).
-ARTICLE_TOTALS = {
-    ("nothing", "both"): 20.88,
-    ("almost_all", "both"): 11.25,
-    ("almost_all", "http"): 1.04,
-    ("almost_all", "db"): 10.17,
-    ("all", "db"): 1.105,
-    ("all", "both"): 2.135,
-}
-
-MODE_NOTES = {
-    "nothing": "Gunicorn's sync worker: one request at a time. Every wait, HTTP or database, "
-               "holds the only worker, so n requests take n times one request.",
-    "almost_all": "gevent worker, monkey-patched stdlib: waits on Python sockets (the slow HTTP "
-                  "call) yield to other requests, but psycopg2 waits inside libpq, which gevent "
-                  "cannot see, so each query blocks the whole event loop.",
-    "all": "gevent worker plus psycopg2's wait callback (psycogreen): libpq runs non-blocking "
-           "and hands each wait to gevent, so database waits overlap too.",
-}
-
-# lab.py's --monitor-threshold default, which run_all.sh keeps: shorter blocks are not logged.
-MONITOR_THRESHOLD_S = 0.1
-# One line of lab.py's server log per blocked stretch (after Gunicorn's "[date] [pid] [LEVEL] "),
-# e.g. "event loop blocked for 1.002 s in psycopg2 execute (django/db/backends/utils.py:105
-# _execute) from lab.py:452 sleep_in_database <- lab.py:470 only_database_call".
-BLOCK_LINE = re.compile(r"event loop blocked for (?P<seconds>[0-9.]+) s in (?P<culprit>.+?) "
-                        r"\((?P<where>[^)]*)\)(?: from (?P<caller>.*))?$")
+PROG = "report.py"
 
 
-# --- The model ----------------------------------------------------------------------------------
-
-def request_time(mode, route, h, d):
-    """How long one request takes when nothing else is running."""
-    if route == "fanout":
-        return FAN_OUT_CALLS * h if mode == "nothing" else h
-    return {"http": h, "db": d, "both": h + d}[route]
+class ReportError(Exception):
+    """A bad file or flag: main() prints it as one line and exits with status 2."""
 
 
-def model_seconds(mode, route, n, c, h, d):
-    """The total the model predicts for n requests sent c at a time to one worker."""
-    rounds = math.ceil(n / c)
-    if mode == "nothing":
-        return n * request_time(mode, route, h, d)
-    if mode == "almost_all":
-        # The slow service keeps sleeping while the worker is stuck in psycopg2, so HTTP waits
-        # hide behind DB waits; DB waits never overlap.
-        return {"http": rounds * h, "fanout": rounds * h, "db": n * d, "both": h + n * d}[route]
-    return rounds * request_time(mode, route, h, d)
-
-
-# --- One scenario: its figures, its timeline, its server log ------------------------------------
+# --- One scenario: its figures, its timeline, what blocked its event loop ------------------------
 
 def scenario_name(path):
-    """(mode, route) from NN-MODE-ROUTE.json or .log."""
-    _, mode, route = Path(path).stem.split("-", 2)
-    return mode, route
+    """(setup, route) from NN-SETUP-ROUTE.json."""
+    parts = Path(path).stem.split("-", 2)
+    if len(parts) != 3 or parts[1] not in lab.SETUPS or parts[2] not in lab.ROUTES:
+        raise ReportError(f"{path}: not a scenario file (NN-SETUP-ROUTE.json, with a setup and "
+                          "a route of lab.py --list)")
+    return parts[1], parts[2]
+
+
+def read_figures(path):
+    try:
+        figures = json.loads(Path(path).read_text())
+        if not all(key in figures for key in ("requests", "concurrency", "total_s", "timeline")):
+            raise ValueError
+        return figures
+    except FileNotFoundError:
+        raise ReportError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not load.py's JSON figures"
+        raise ReportError(f"{path}: {reason}") from None
+
+
+def article_total(setup, route):
+    return next((total for s, r, total in lab.SCENARIOS if (s, r) == (setup, route)), None)
 
 
 def load_scenario(path, delay):
-    """One load.py JSON file plus the model, the article and the server log's blocking lines."""
-    mode, route = scenario_name(path)
-    figures = json.loads(Path(path).read_text())
+    """One load.py JSON file plus the model, the article and the blocks of the event loop."""
+    setup, route = scenario_name(path)
+    figures = read_figures(path)
     n, c = figures["requests"], figures["concurrency"]
-    model = model_seconds(mode, route, n, c, delay, delay)
-    article = ARTICLE_TOTALS.get((mode, route)) if (n, c, delay) == (10, 10, 1.0) else None
-    log = Path(path).with_suffix(".log")
+    model = lab.model_seconds(setup, route, n, c, delay, delay)
+    article = article_total(setup, route) if (n, c, delay) == (10, 10, 1.0) else None
     return {
-        "mode": mode,
+        "mode": setup,
+        "setup": setup,
         "route": route,
-        "path": ROUTES[route],
+        "path": lab.ROUTES[route].path,
         "requests": n,
         "concurrency": c,
         "delay": delay,
         "total_s": figures["total_s"],
         "rps": figures["rps"],
+        "model": lab.model_formula(setup, route),
         "model_s": round(model, 6),
         "article_s": article,
         "statuses": figures["status_codes"],
         "errors": figures["errors"],
         "ok": ok(figures, n),
         "timeline": timeline(figures),
-        "blocking": blocking_summary(log) if mode != "nothing" and log.exists() else None,
+        "blocking": blocking_of(path, setup, figures),
         "figures": figures,
     }
 
@@ -136,55 +100,66 @@ def timeline(figures):
     return [[r["start_s"], r["end_s"], r["status"]] for r in rows]
 
 
-def parse_block_line(line):
-    """A blocking line of the server log as a dict (seconds, culprit, where, caller), else None."""
-    match = BLOCK_LINE.search(line.rstrip())
-    if not match:
+def has_event_loop(setup):
+    return lab.SETUPS[setup].worker_class == "gevent"
+
+
+def blocking_of(path, setup, figures):
+    """The blocks of the scenario's run, from SETUP.events beside its figures; None where the
+    setup has no event loop or no events file was kept."""
+    events = Path(path).with_name(f"{setup}.events")
+    if not has_event_loop(setup) or not events.exists():
         return None
-    block = match.groupdict()
-    block["seconds"] = float(block["seconds"])
-    return block
+    window = (figures.get("started_at", 0), figures.get("ended_at", math.inf))
+    return blocking_summary(read_events(events), window)
 
 
-def culprit_label(block):
-    """'psycopg2 execute from only_database_call': the library call and the view that made it.
+def read_events(path):
+    """lab.py's event records: one JSON object a line (a torn last line is skipped)."""
+    records = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "blocked":
+            records.append(record)
+    return records
 
-    The caller lists the lab's frames innermost first ("lab.py:452 sleep_in_database <-
-    lab.py:470 only_database_call <- lab.py:450 middleware"). Middleware and decorators wrap
-    every view, so the view is picked by name; failing that, the innermost frame is the best clue.
-    """
-    functions = [frame.split()[-1] for frame in (block["caller"] or "").split(" <- ") if frame]
-    views = [name for name in functions if name in LAB_VIEWS]
-    where = views[-1] if views else functions[0] if functions else None
-    return f"{block['culprit']} from {where}" if where else block["culprit"]
 
-
-def blocking_summary(log_path):
-    """What blocked the event loop, from a gevent scenario's server log.
-
-    {"blocks": count, "blocked_s": total seconds, "top_culprit": "psycopg2 execute from
-    only_database_call (10x)" or None, "example": the first blocking line or None}
-    """
-    lines = Path(log_path).read_text(errors="replace").splitlines()
-    found = [(line, block) for line in lines if (block := parse_block_line(line))]
-    labels = Counter(culprit_label(block) for _, block in found)
+def blocking_summary(records, window=(0, math.inf)):
+    """{"blocks": count, "blocked_s": total seconds, "top_culprit": "psycopg2 execute from
+    only_database_call (10x)" or None, "example": one block in words, or None}"""
+    found = [r for r in records if window[0] <= r["at"] <= window[1]]
+    labels = Counter(culprit_label(r) for r in found)
     top = labels.most_common(1)
     return {
         "blocks": len(found),
-        "blocked_s": round(sum(block["seconds"] for _, block in found), 3),
+        "blocked_s": round(sum(r["seconds"] for r in found), 3),
         "top_culprit": f"{top[0][0]} ({top[0][1]}x)" if top else None,
-        "example": found[0][0].strip() if found else None,
+        "example": block_in_words(found[0]) if found else None,
     }
 
 
-def describe_blocking(mode, blocking):
+def culprit_label(record):
+    """'psycopg2 execute from only_database_call': the blocking call and the view that made it."""
+    return f"{record['call']} from {record['view']}" if record.get("view") else record["call"]
+
+
+def block_in_words(record):
+    frames = " <- ".join(record.get("frames") or [])
+    return (f"event loop blocked for {record['seconds']:.3f} s in {record['call']} "
+            f"({record['where']})" + (f" from {frames}" if frames else ""))
+
+
+def describe_blocking(setup, blocking):
     """The one line run_all.sh prints after each scenario's load report."""
-    if mode == "nothing":
-        return "Event loop: (sync worker: no event loop)"
+    if not has_event_loop(setup):
+        return f"Event loop: ({lab.SETUPS[setup].worker_class} worker: no event loop)"
     if blocking is None:
-        return "Event loop: (no server log)"
+        return "Event loop: (no events recorded)"
     if not blocking["blocks"]:
-        return f"Event loop: never blocked over {MONITOR_THRESHOLD_S} s"
+        return f"Event loop: never blocked over {lab.DEFAULT_MONITOR_THRESHOLD} s"
     count = blocking["blocks"]
     return (f"Event loop: blocked {count} time{'s' * (count != 1)} "
             f"({blocking['blocked_s']:.1f} s in all); top culprit: {blocking['top_culprit']}")
@@ -199,7 +174,7 @@ def format_table(scenarios):
     for s in scenarios:
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
         lines.append(
-            f"{s['mode'] + ' / ' + s['route']:<22} {s['total_s']:>8.3f} s {s['rps']:>7.2f} "
+            f"{s['setup'] + ' / ' + s['route']:<22} {s['total_s']:>8.3f} s {s['rps']:>7.2f} "
             f"{s['model_s']:>6.2f} s {over_model(s):>+8.1f}% {article:>8} "
             f"{blocked_count(s):>7}  {result(s)}"
         )
@@ -230,8 +205,8 @@ def describe_failures(scenario):
 
 
 def json_line(scenario):
-    keys = ("mode", "route", "requests", "concurrency", "delay", "total_s", "rps", "model_s",
-            "article_s", "statuses")
+    keys = ("mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
+            "model", "model_s", "article_s", "statuses")
     line = {key: scenario[key] for key in keys}
     blocking = scenario["blocking"] or {}  # null for the sync worker: it has no event loop
     line.update(blocks=blocking.get("blocks"), blocked_s=blocking.get("blocked_s"),
@@ -284,8 +259,8 @@ def html_page(scenarios, settings):
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         html_settings(settings),
-        "<h2>The three modes</h2>",
-        html_mode_notes(),
+        "<h2>The setups</h2>",
+        html_setup_notes(dict.fromkeys(s["setup"] for s in scenarios)),
         "<h2>Results</h2>",
         html_table(scenarios),
         "<h2>Timelines</h2>",
@@ -303,8 +278,8 @@ def html_settings(settings):
             f'{settings["delay"]:g} s each. Run on {escape(settings["date"])}.</p>')
 
 
-def html_mode_notes():
-    items = [f"<dt>{escape(mode)}</dt><dd>{escape(note)}</dd>" for mode, note in MODE_NOTES.items()]
+def html_setup_notes(setups):
+    items = [f"<dt>{escape(name)}</dt><dd>{escape(lab.SETUPS[name].why)}</dd>" for name in setups]
     return "<dl>" + "".join(items) + "</dl>"
 
 
@@ -315,7 +290,7 @@ def html_table(scenarios):
     for s in scenarios:
         ratio = f"{s['total_s'] / s['model_s']:.2f}\u00d7" if s["model_s"] else "-"
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
-        cells = (f"{s['mode']} / {s['route']}", f"{s['total_s']:.3f} s", f"{s['rps']:.2f}",
+        cells = (f"{s['setup']} / {s['route']}", f"{s['total_s']:.3f} s", f"{s['rps']:.2f}",
                  f"{s['model_s']:.2f} s", ratio, article, blocked_count(s))
         rows.append(f'<tr class="{"ok" if s["ok"] else "failed"}">'
                     + "".join(f"<td>{escape(c)}</td>" for c in cells)
@@ -333,13 +308,14 @@ def html_legend():
 def html_scenario(number, s):
     blocking = s["blocking"]
     example = blocking and blocking["example"]
-    title = f"{s['mode']} / {s['route']}: GET {s['path']}"
+    title = f"{s['setup']} / {s['route']}: GET {s['path']}"
     return "\n".join([
         f'<section class="scenario" id="scenario-{number}">',
         f"<h3>{number}. {escape(title)}</h3>",
-        f"<p>Measured {s['total_s']:.3f} s, model {s['model_s']:.2f} s: {escape(result(s))}.</p>",
+        (f"<p>Measured {s['total_s']:.3f} s, model {escape(s['model'])} = "
+         f"{s['model_s']:.2f} s: {escape(result(s))}.</p>"),
         svg_timeline(s),
-        f'<p class="blocking">{escape(describe_blocking(s["mode"], blocking))}</p>',
+        f'<p class="blocking">{escape(describe_blocking(s["setup"], blocking))}</p>',
         f"<p>For example:</p><pre>{escape(example)}</pre>" if example else "",
         "</section>",
     ])
@@ -360,7 +336,7 @@ def svg_timeline(s):
     def x(seconds):
         return SVG_LEFT + seconds / span * (SVG_WIDTH - SVG_LEFT - SVG_RIGHT)
 
-    name = escape(f"{s['mode']}/{s['route']}")
+    name = escape(f"{s['setup']}/{s['route']}")
     svg = (f'<svg class="timeline" data-scenario="{name}" width="{SVG_WIDTH}" '
            f'height="{height:.0f}" role="img" aria-label="timeline of {len(rows)} requests" '
            'xmlns="http://www.w3.org/2000/svg">')
@@ -405,27 +381,39 @@ def tick_step(span, most=10):
 
 # --- Command line -------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ReportError(f"{message} (see --help)")
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="report.py", description=__doc__.splitlines()[0],
-        epilog="report.py blocking FILE.log prints what blocked one scenario's event loop.")
+    parser = OneLineParser(
+        prog=PROG, description=__doc__.splitlines()[0],
+        epilog="report.py blocking NN-SETUP-ROUTE.json prints what blocked one scenario's loop.")
     parser.add_argument("--delay", type=float, required=True, help="the run's delay, seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
     parser.add_argument("--html", metavar="FILE", help="also write the report as one HTML page")
-    parser.add_argument("files", nargs="+", help="NN-MODE-ROUTE.json files from load.py")
-    return parser.parse_args(argv)
+    parser.add_argument("files", nargs="+", help="NN-SETUP-ROUTE.json files from load.py")
+    args = parser.parse_args(argv)
+    if not (0 < args.delay <= lab.MAX_SLEEP):
+        raise ReportError(f"--delay must be above 0 and at most {lab.MAX_SLEEP:g} seconds")
+    if args.html:
+        folder = Path(args.html).resolve().parent
+        if not folder.is_dir():
+            raise ReportError(f"--html: no such directory: {folder}")
+        if Path(args.html).is_dir():
+            raise ReportError(f"--html: '{args.html}' is a directory, not a file name")
+    return args
 
 
 def print_blocking(argv):
-    """`report.py blocking NN-MODE-ROUTE.log`: the scenario's one "Event loop:" line."""
-    parser = argparse.ArgumentParser(prog="report.py blocking",
-                                     description="What blocked a scenario's event loop.")
-    parser.add_argument("log", help="the lab's server log, named NN-MODE-ROUTE.log")
-    log = Path(parser.parse_args(argv).log)
-    if not log.is_file():
-        parser.error(f"no such file: {log}")
-    mode, _ = scenario_name(log)
-    print(describe_blocking(mode, None if mode == "nothing" else blocking_summary(log)))
+    """`report.py blocking NN-SETUP-ROUTE.json`: the scenario's one "Event loop:" line."""
+    parser = OneLineParser(prog=f"{PROG} blocking",
+                           description="What blocked a scenario's event loop.")
+    parser.add_argument("figures", help="the scenario's load.py figures, NN-SETUP-ROUTE.json")
+    path = parser.parse_args(argv).figures
+    setup, _ = scenario_name(path)
+    print(describe_blocking(setup, blocking_of(path, setup, read_figures(path))))
     return 0
 
 
@@ -437,17 +425,24 @@ def run_settings(args, scenarios):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["blocking"]:
-        return print_blocking(argv[1:])
-    args = parse_args(argv)
-    scenarios = [load_scenario(path, args.delay) for path in sorted(args.files)]
-    if args.json:
-        for scenario in scenarios:
-            print(json_line(scenario))
-    else:
-        print(format_table(scenarios))
-    if args.html:
-        write_html(args.html, scenarios, run_settings(args, scenarios))
+    try:
+        if argv[:1] == ["blocking"]:
+            return print_blocking(argv[1:])
+        args = parse_args(argv)
+        scenarios = [load_scenario(path, args.delay) for path in sorted(args.files)]
+        if args.json:
+            for scenario in scenarios:
+                print(json_line(scenario))
+        else:
+            print(format_table(scenarios))
+        if args.html:
+            write_html(args.html, scenarios, run_settings(args, scenarios))
+    except ReportError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
     return 0 if all(s["ok"] for s in scenarios) else 1
 
 

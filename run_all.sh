@@ -3,90 +3,27 @@
 #
 #   ./run_all.sh                 the article's six scenarios, then the fan-out route, at 1 s delays
 #   ./run_all.sh --delay 0.2     the same, quicker
+#   ./run_all.sh --all           every setup with every route (python lab.py --list --all)
 #   ./run_all.sh --report r.html also write the results as one self-contained HTML page
 #   ./run_all.sh --test          the test suite
 #
 # On first use it creates .venv and installs the pinned requirements: python3 is all it needs.
-# It starts the slow service and one throwaway PostgreSQL for the whole run; then, per scenario,
-# it starts `lab.py --patch MODE`, waits until it answers, sends `load.py -n 10 -c 10 -t 60` to
-# the route, stops the lab and says what (if anything) blocked its event loop. Everything it
-# started is stopped when it ends, fails or is interrupted.
+# The scenarios are lab.py's (`python lab.py --list`). The run starts the slow service, one
+# throwaway PostgreSQL and one lab per setup, all at once, each lab on its own port. Then, per
+# scenario, it sends `load.py -n 10 -c 10 -t 60` to the route on that setup's lab (the others
+# sit idle) and says what, if anything, blocked its event loop. Everything it started stops
+# when it ends, fails, is interrupted, loses its terminal or is killed.
 set -euo pipefail
-
-usage() {
-  cat <<'EOF'
-usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--json] [--report FILE]
-       ./run_all.sh --test [PYTEST ARGS]
-
-  --delay SECONDS   slow HTTP delay and pg_sleep, together (default 1; 0.2 gives a quick run)
-  -n REQUESTS       requests per scenario (default 10)
-  -c CONCURRENCY    requests in flight at once (default 10)
-  --json            one JSON object per scenario on stdout (summaries go to stderr)
-  --report FILE     also write an HTML page: the table, each request's timeline, what blocked
-  --test            run the test suite instead (extra arguments go to pytest)
-EOF
-}
-
-# The article's scenarios in its order, then the fan-out route: MODE ROUTE.
-SCENARIOS=(
-  "nothing both"
-  "almost_all both"
-  "almost_all http"
-  "almost_all db"
-  "all db"
-  "all both"
-  "all fanout"
-)
-declare -A ROUTE_PATHS=(
-  [http]=/only-http-call/
-  [db]=/only-database-call/
-  [both]=/both-http-and-database-calls/
-  [fanout]=/only-http-do-ten_calls_with_gevent/
-)
-
-invoked_from=$PWD  # --report paths are relative to where the user ran us, not to the lab
-cd "$(dirname "$0")"
-VENV=.venv
-PY=$VENV/bin/python
-
-die() { echo "run_all.sh: error: $*" >&2; exit 2; }
-
-# --- flags -----------------------------------------------------------------------------------
-delay=1 requests=10 concurrency=10 json=0 test=0 report=
-is_number() { [[ $1 =~ ^[0-9]+([.][0-9]+)?$|^[.][0-9]+$ ]]; }
-is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
-while (($#)); do
-  case $1 in
-    --delay) (($# > 1)) || die "--delay needs a value"; delay=$2; shift 2 ;;
-    -n) (($# > 1)) || die "-n needs a value"; requests=$2; shift 2 ;;
-    -c) (($# > 1)) || die "-c needs a value"; concurrency=$2; shift 2 ;;
-    --json) json=1; shift ;;
-    --report) (($# > 1)) || die "--report needs a file name"; report=$2; shift 2 ;;
-    --test) test=1; shift; break ;;
-    -h|--help) usage; exit 0 ;;
-    *) die "unknown flag '$1' (see --help)" ;;
-  esac
-done
-if ((!test)); then
-  (($# == 0)) || die "unexpected argument '$1' (see --help)"
-  is_number "$delay" && awk -v d="$delay" 'BEGIN { exit !(d > 0 && d <= 60) }' \
-    || die "--delay must be a number of seconds above 0 and at most 60, not '$delay'"
-  is_count "$requests" || die "-n must be a whole number above 0, not '$requests'"
-  is_count "$concurrency" || die "-c must be a whole number above 0, not '$concurrency'"
-  ((requests >= concurrency)) || die "-n cannot be less than -c"
-  if [[ -n $report ]]; then
-    [[ $report == /* ]] || report=$invoked_from/$report
-    [[ -d $(dirname "$report") ]] || die "--report: no such directory: $(dirname "$report")"
-    [[ ! -d $report ]] || die "--report: '$report' is a directory, not a file name"
-  fi
-fi
 
 # --- processes and their cleanup -------------------------------------------------------------
 # Set before anything is installed or started, so that an interrupt at any moment stops
-# everything with one line.
+# everything with one line. Each child also gets a parent-death signal (setpriv, util-linux):
+# if this script is killed with SIGKILL, which no trap sees, the kernel stops them.
 work=
 phase="set-up"
 children=()
+with_death_signal=()
+command -v setpriv >/dev/null && with_death_signal=(setpriv --pdeathsig TERM --)
 
 stop_children() {
   local pid
@@ -99,9 +36,9 @@ on_exit() {
   [[ -z $work ]] || rm -rf "$work"
 }
 on_signal() {
-  trap - INT TERM
-  echo >&2
-  echo "run_all.sh: interrupted during $phase; stopping everything it started" >&2
+  trap - INT TERM HUP
+  { echo; echo "run_all.sh: interrupted during $phase; stopping everything it started"; } \
+    >&2 2>/dev/null || true  # after a hang-up there may be no terminal to write to
   on_exit
   trap - EXIT
   exit "$1"
@@ -109,11 +46,79 @@ on_signal() {
 trap on_exit EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
+trap 'on_signal 129' HUP
+
+usage() {
+  cat <<'EOF'
+usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--all] [--json]
+                    [--report FILE]
+       ./run_all.sh --test [PYTEST ARGS]
+
+  --delay SECONDS   slow HTTP delay and pg_sleep, together (default 1; 0.2 gives a quick run)
+  -n REQUESTS       requests per scenario (default 10)
+  -c CONCURRENCY    requests in flight at once (default 10)
+  --all             every setup with every route, not only the article's scenarios
+  --json            one JSON object per scenario on stdout (summaries go to stderr)
+  --report FILE     also write an HTML page: the table, each request's timeline, what blocked
+  --test            run the test suite instead (extra arguments go to pytest)
+EOF
+}
+
+invoked_from=$PWD  # --report paths are relative to where the user ran us, not to the lab
+here=${BASH_SOURCE[0]%/*}
+[[ $here == "${BASH_SOURCE[0]}" ]] && here=.
+cd "$here"
+VENV=.venv
+PY=$VENV/bin/python
+
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+
+# --- flags -----------------------------------------------------------------------------------
+# Bash alone checks them (no awk, no coreutils), so a broken PATH cannot turn into a false
+# "bad flag" message.
+delay=1 requests=10 concurrency=10 json=0 test=0 every=0 report=
+is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
+is_delay() {  # a decimal above 0 and at most 60
+  [[ $1 =~ ^([0-9]*)(\.([0-9]*))?$ && -n ${BASH_REMATCH[1]}${BASH_REMATCH[3]} ]] || return 1
+  local whole=$((10#${BASH_REMATCH[1]:-0})) fraction=${BASH_REMATCH[3]}
+  [[ $fraction =~ ^0*$ ]] && fraction=
+  ((whole < 60 || (whole == 60 && ${#fraction} == 0))) && ((whole > 0 || ${#fraction} > 0))
+}
+while (($#)); do
+  case $1 in
+    --delay) (($# > 1)) || die "--delay needs a value"; delay=$2; shift 2 ;;
+    -n) (($# > 1)) || die "-n needs a value"; requests=$2; shift 2 ;;
+    -c) (($# > 1)) || die "-c needs a value"; concurrency=$2; shift 2 ;;
+    --all) every=1; shift ;;
+    --json) json=1; shift ;;
+    --report) (($# > 1)) || die "--report needs a file name"; report=$2; shift 2 ;;
+    --test) test=1; shift; break ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown flag '$1' (see --help)" ;;
+  esac
+done
+if ((!test)); then
+  (($# == 0)) || die "unexpected argument '$1' (see --help)"
+  is_delay "$delay" || die "--delay must be a number of seconds above 0 and at most 60, not '$delay'"
+  is_count "$requests" || die "-n must be a whole number above 0, not '$requests'"
+  is_count "$concurrency" || die "-c must be a whole number above 0, not '$concurrency'"
+  ((requests >= concurrency)) || die "-n cannot be less than -c"
+  if [[ -n $report ]]; then
+    [[ $report == /* ]] || report=$invoked_from/$report
+    report_dir=${report%/*}
+    [[ -d ${report_dir:-/} ]] || die "--report: no such directory: $report_dir"
+    [[ ! -d $report ]] || die "--report: '$report' is a directory, not a file name"
+  fi
+  tmp=${TMPDIR:-/tmp}
+  [[ -d $tmp && -w $tmp ]] || die "TMPDIR=$tmp is not a writable directory"
+fi
+command -v python3 >/dev/null || die "python3 is not on PATH"
+command -v rm >/dev/null || die "rm is not on PATH (PATH=$PATH)"
 
 # Children run in the background and we `wait` for them: a signal then interrupts the wait at
 # once, where a foreground child would make bash hold the trap until the child ends.
 start() {
-  "$@" &
+  "${with_death_signal[@]}" "$@" &
   children+=($!)
 }
 wait_for() {
@@ -124,28 +129,25 @@ wait_for() {
   children=("${kept[@]}")
   return "$status"
 }
-stop() {
-  kill -TERM "$1" 2>/dev/null || true
-  wait_for "$1" || true
-}
 
 # --- the virtual environment -----------------------------------------------------------------
 # Reinstall only when a requirements file changed since the last install (the development
 # requirements include the lab's own).
 ensure_venv() {
   local wanted=$1 stamp
-  command -v python3 >/dev/null || die "python3 is not on PATH"
   if [[ ! -x $PY ]]; then
     echo "run_all.sh: creating $VENV (first run only)" >&2
     python3 -m venv "$VENV" || die "could not create $VENV (on Debian: apt-get install python3-venv)"
   fi
-  stamp=$VENV/.installed-$(cat requirements*.txt | cksum | cut -d' ' -f1)
+  stamp=$VENV/.installed-$(python3 -c 'import hashlib, pathlib, sys
+print(hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in sys.argv[1:])).hexdigest()[:16])
+' requirements*.txt)
   [[ -e $stamp-$wanted || -e $stamp-requirements-dev.txt ]] && return
   phase="set-up (installing $wanted)"
   echo "run_all.sh: installing $wanted into $VENV" >&2
   start "$PY" -m pip install --quiet --disable-pip-version-check -r "$wanted" >&2
   wait_for "${children[-1]}" || die "pip could not install $wanted"
-  touch "$stamp-$wanted"
+  : >"$stamp-$wanted"
 }
 
 if ((test)); then
@@ -153,94 +155,141 @@ if ((test)); then
   exec "$PY" -m pytest "$@"
 fi
 ensure_venv requirements.txt
-work=$(mktemp -d "${TMPDIR:-/tmp}/awl-run-XXXXXX")
 
-free_port() {
-  "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Poll until the URL answers 200, or give up when the process serving it has died.
-wait_until_healthy() {
-  local url=$1 pid=$2 log=$3
-  for _ in $(seq 300); do
-    if "$PY" - "$url" <<'EOF' 2>/dev/null; then return 0; fi
-import sys, urllib.request
-sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).status != 200)
+# The scenarios, the setups they need and a free port for each service: lab.py says.
+mapfile -t plan < <("$PY" lab.py --list $( ((every)) && echo --all))
+((${#plan[@]})) || die "lab.py --list gave no scenarios"
+declare -A lab_port=()
+for line in "${plan[@]}"; do read -r setup _ <<<"$line"; lab_port[$setup]=; done
+ports=($("$PY" - $((${#lab_port[@]} + 1)) <<'EOF'
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in held))
 EOF
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "run_all.sh: error: $(basename "$log" .log) did not start:" >&2
-      tail -n 5 "$log" >&2
-      exit 1
-    fi
-    sleep 0.1
-  done
-  echo "run_all.sh: error: $url did not answer within 30 s" >&2
-  exit 1
+))
+slow_url=http://127.0.0.1:${ports[0]}
+index=1
+for setup in "${!lab_port[@]}"; do lab_port[$setup]=${ports[index]}; index=$((index + 1)); done
+
+# A run killed with SIGKILL leaves its folder behind: remove those whose owner is gone.
+for stale in "$tmp"/awl-run-*/; do
+  [[ -f $stale/owner ]] || continue
+  read -r owner <"$stale/owner" || continue
+  kill -0 "$owner" 2>/dev/null || rm -rf "$stale"
+done
+work=$("$PY" -c 'import tempfile; print(tempfile.mkdtemp(prefix="awl-run-"))')
+echo $$ >"$work/owner"
+
+# Poll until every URL answers 200; stop at the first service that died, with its last words.
+read -r -d '' wait_until_healthy_py <<'EOF' || true
+import signal, sys, time, urllib.request
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: run_all.sh says it, in one line
+args = sys.argv[1:]
+pending = [args[i:i + 4] for i in range(0, len(args), 4)]  # NAME URL PID LOG
+deadline = time.monotonic() + 60
+while pending and time.monotonic() < deadline:
+    for item in list(pending):
+        name, url, pid, log = item
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                pending.remove(item)
+                continue
+        except OSError:
+            pass
+        state = Path(f"/proc/{pid}/stat")
+        if not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+            words = Path(log).read_text(errors="replace").strip().splitlines() or ["no output"]
+            print(f"run_all.sh: error: {name} did not start: {words[-1]}", file=sys.stderr)
+            sys.exit(1)
+    time.sleep(0.05)
+if pending:
+    print(f"run_all.sh: error: {pending[0][0]} did not answer within 60 s", file=sys.stderr)
+    sys.exit(1)
+EOF
+wait_until_healthy() {  # NAME URL PID LOG, repeated
+  start "$PY" -c "$wait_until_healthy_py" "$@"
+  wait_for "${children[-1]}" || exit 1
 }
 
-# --- the shared services ---------------------------------------------------------------------
+# --- the services, all started at once -------------------------------------------------------
 out=1
 ((json)) && out=2  # with --json, stdout carries only the JSON lines
-slow_port=$(free_port)
-lab_port=$(free_port)
-slow_url=http://127.0.0.1:$slow_port
 
-phase="set-up (starting the slow service)"
-start "$PY" slow_server.py --bind "127.0.0.1:$slow_port" --delay "$delay" \
+phase="set-up (starting the slow service and PostgreSQL)"
+start "$PY" slow_server.py --bind "127.0.0.1:${ports[0]}" --delay "$delay" \
   >"$work/slow_server.log" 2>&1
-wait_until_healthy "$slow_url/healthz" "${children[-1]}" "$work/slow_server.log"
-
-if [[ -n ${DATABASE_URL:-} ]]; then
-  database_url=$DATABASE_URL
-else
-  phase="set-up (starting PostgreSQL)"
+slow_pid=${children[-1]}
+db_pid=
+if [[ -z ${DATABASE_URL:-} ]]; then
   start "$PY" lab.py --database-only >"$work/database.out" 2>"$work/database.log"
   db_pid=${children[-1]}
-  for _ in $(seq 600); do
-    database_url=$(sed -n 's/^DATABASE_URL=//p' "$work/database.out")
-    [[ -n $database_url ]] && break
-    kill -0 "$db_pid" 2>/dev/null || { cat "$work/database.log" >&2; exit 1; }
-    sleep 0.05
+  DATABASE_URL=
+  until [[ -n $DATABASE_URL ]]; do
+    [[ -s $work/database.out ]] && IFS='=' read -r _ DATABASE_URL <"$work/database.out"
+    [[ -n $DATABASE_URL ]] && break
+    kill -0 "$db_pid" 2>/dev/null || {
+      echo "run_all.sh: error: the embedded PostgreSQL did not start:" >&2
+      cat "$work/database.log" >&2
+      exit 1
+    }
+    sleep 0.02
   done
-  [[ -n $database_url ]] || die "the embedded PostgreSQL did not start within 30 s"
 fi
+export DATABASE_URL  # to the labs in their environment: a command line is visible in ps
+
+phase="set-up (starting the labs)"
+health=(slow_server.py "$slow_url/healthz" "$slow_pid" "$work/slow_server.log")
+lab_pids=()
+for setup in "${!lab_port[@]}"; do
+  start "$PY" lab.py --setup "$setup" --bind "127.0.0.1:${lab_port[$setup]}" \
+    --slow-url "$slow_url" --delay "$delay" --events "$work/$setup.events" \
+    >"$work/$setup.log" 2>&1
+  lab_pids+=("${children[-1]}")
+  health+=("lab.py --setup $setup" "http://127.0.0.1:${lab_port[$setup]}/healthcheck/liveness"
+           "${children[-1]}" "$work/$setup.log")
+done
+wait_until_healthy "${health[@]}"
 
 echo "Async Workers Lab: $requests requests, $concurrency at a time, one worker;" \
   "slow HTTP call ${delay} s, pg_sleep ${delay} s" >&$out
 
-# --- the scenarios ---------------------------------------------------------------------------
+# --- the scenarios, one after another --------------------------------------------------------
 number=0
-for scenario in "${SCENARIOS[@]}"; do
-  read -r mode route <<<"$scenario"
+for line in "${plan[@]}"; do
+  read -r setup route path model <<<"$line"
   number=$((number + 1))
-  name=$(printf '%02d-%s-%s' "$number" "$mode" "$route")
-  phase="scenario $mode / $route"
-  start "$PY" lab.py --patch "$mode" --bind "127.0.0.1:$lab_port" --slow-url "$slow_url" \
-    --database-url "$database_url" --delay "$delay" >"$work/$name.log" 2>&1
-  lab_pid=${children[-1]}
-  wait_until_healthy "http://127.0.0.1:$lab_port/healthcheck/liveness" "$lab_pid" "$work/$name.log"
-
-  printf '\n=== %s / %s: GET %s\n' "$mode" "$route" "${ROUTE_PATHS[$route]}" >&$out
+  name=$(printf '%02d-%s-%s' "$number" "$setup" "$route")
+  phase="scenario $setup / $route"
+  printf '\n=== %s / %s: GET %s (model: %s)\n' "$setup" "$route" "$path" "$model" >&$out
   start "$PY" load.py -n "$requests" -c "$concurrency" -t 60 --timeline \
-    --save "$work/$name.json" "http://127.0.0.1:$lab_port${ROUTE_PATHS[$route]}" >&$out
+    --save "$work/$name.json" "http://127.0.0.1:${lab_port[$setup]}$path" >&$out
   wait_for "${children[-1]}" || true
-  stop "$lab_pid"
-  [[ -s $work/$name.json ]] || die "load.py saved no figures for $mode / $route"
-  "$PY" report.py blocking "$work/$name.log" >&$out  # the log is complete once the lab stopped
+  [[ -s $work/$name.json ]] || die "load.py saved no figures for $setup / $route"
+  start "$PY" report.py blocking "$work/$name.json" >&$out
+  wait_for "${children[-1]}" || true
 done
 
 # --- the table -------------------------------------------------------------------------------
 phase="the report"
+# Everything stops while the table is made; the labs at once (SIGINT: Gunicorn's quick stop),
+# since nothing is in flight any more.
+kill -INT "${lab_pids[@]}" 2>/dev/null || true
+kill -TERM "$slow_pid" ${db_pid:+"$db_pid"} 2>/dev/null || true
 status=0
 report_flags=(--delay "$delay")
 ((json)) && report_flags+=(--json)
 [[ -n $report ]] && report_flags+=(--html "$report")
 if ((!json)); then
-  printf '\n=== Results (model: sync runs requests one at a time; almost_all overlaps HTTP waits'
-  printf ' only; all overlaps every wait)\n'
+  printf '\n=== Results (model: h = HTTP delay, d = pg_sleep, n requests c at a time,'
+  printf ' rounds = ceil(n/c); python lab.py --list --json says why each)\n'
 fi
-"$PY" report.py "${report_flags[@]}" "$work"/*.json || status=$?
+start "$PY" report.py "${report_flags[@]}" "$work"/[0-9]*.json
+wait_for "${children[-1]}" || status=$?
 [[ -n $report && -s $report ]] && echo "run_all.sh: wrote $report" >&2
+stop_children
 if ((status)); then
   echo "run_all.sh: some scenarios had responses other than 200 (see the table)" >&2
 fi

