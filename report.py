@@ -85,8 +85,18 @@ def load_scenario(path, delay):
         "ok": ok(figures, n),
         "timeline": timeline(figures),
         "blocking": blocking_of(path, setup, figures),
+        **read_workers(path),
         "figures": figures,
     }
+
+
+def read_workers(path):
+    """The workers' count and memory that run_all.sh kept beside the figures, if any."""
+    try:
+        kept = json.loads(Path(path).with_suffix(".workers").read_text())
+        return {"workers": kept["workers"], "worker_rss_mb": round(kept["rss_bytes"] / 2**20, 1)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"workers": None, "worker_rss_mb": None}
 
 
 def ok(figures, n):
@@ -101,7 +111,7 @@ def timeline(figures):
 
 
 def has_event_loop(setup):
-    return lab.SETUPS[setup].worker_class == "gevent"
+    return lab.SETUPS[setup].worker_class in lab.EVENT_LOOP_WORKERS
 
 
 def blocking_of(path, setup, figures):
@@ -168,17 +178,22 @@ def describe_blocking(setup, blocking):
 # --- Text and JSON -----------------------------------------------------------------------------
 
 def format_table(scenarios):
-    header = (f"{'scenario':<22} {'measured':>10} {'req/s':>7} {'model':>8} {'vs model':>9} "
-              f"{'article':>8} {'blocked':>7}  result")
+    header = (f"{'scenario':<24} {'measured':>10} {'req/s':>7} {'model':>8} {'vs model':>9} "
+              f"{'article':>8} {'memory':>7} {'blocked':>7}  result")
     lines = [header]
     for s in scenarios:
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
         lines.append(
-            f"{s['setup'] + ' / ' + s['route']:<22} {s['total_s']:>8.3f} s {s['rps']:>7.2f} "
+            f"{s['setup'] + ' / ' + s['route']:<24} {s['total_s']:>8.3f} s {s['rps']:>7.2f} "
             f"{s['model_s']:>6.2f} s {over_model(s):>+8.1f}% {article:>8} "
-            f"{blocked_count(s):>7}  {result(s)}"
+            f"{memory(s):>7} {blocked_count(s):>7}  {result(s)}"
         )
     return "\n".join(lines)
+
+
+def memory(scenario):
+    """The memory column: the workers' resident memory, summed, where it was measured."""
+    return "-" if scenario["worker_rss_mb"] is None else f"{scenario['worker_rss_mb']:.0f} MB"
 
 
 def over_model(scenario):
@@ -206,7 +221,7 @@ def describe_failures(scenario):
 
 def json_line(scenario):
     keys = ("mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
-            "model", "model_s", "article_s", "statuses")
+            "model", "model_s", "article_s", "statuses", "workers", "worker_rss_mb")
     line = {key: scenario[key] for key in keys}
     blocking = scenario["blocking"] or {}  # null for the sync worker: it has no event loop
     line.update(blocks=blocking.get("blocks"), blocked_s=blocking.get("blocked_s"),
@@ -243,6 +258,8 @@ svg.timeline { display: block; font: 11px system-ui, sans-serif; }
 .error { fill: #fff; stroke: #d62728; stroke-width: 1.5; stroke-dasharray: 3 2; }
 .axis line { stroke: #999; } .axis text { fill: #555; }
 .model line { stroke: #555; stroke-dasharray: 5 4; } .model text { fill: #555; }
+svg.compare { display: block; font: 12px system-ui, sans-serif; }
+svg.compare .route { font-weight: 600; } svg.compare .tick { stroke: #222; stroke-width: 2; }
 .legend svg { margin-left: 1em; vertical-align: -.1em; }
 """
 
@@ -252,7 +269,7 @@ def write_html(path, scenarios, settings):
 
 
 def html_page(scenarios, settings):
-    title = "Async Workers Lab: sync worker vs gevent"
+    title = "Async Workers Lab: which setup overlaps what"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -263,6 +280,8 @@ def html_page(scenarios, settings):
         html_setup_notes(dict.fromkeys(s["setup"] for s in scenarios)),
         "<h2>Results</h2>",
         html_table(scenarios),
+        *(["<h2>Setups side by side</h2>", f"<p>{escape(COMPARE_INTRO)}</p>",
+           svg_compare(scenarios)] if len({s["setup"] for s in scenarios}) > 1 else []),
         "<h2>Timelines</h2>",
         f"<p>{escape(TIMELINE_INTRO)}</p>",
         html_legend(),
@@ -319,6 +338,49 @@ def html_scenario(number, s):
         f"<p>For example:</p><pre>{escape(example)}</pre>" if example else "",
         "</section>",
     ])
+
+
+COMPARE_INTRO = ("Each route, every setup that ran it: the bar is the measured total, the tick the "
+                 "model's. Bars within a route share one scale; long bars queued, short ones "
+                 "overlapped.")
+COMPARE_LABEL_WIDTH = 150  # px for the setup names
+COMPARE_BAR_HEIGHT, COMPARE_GAP = 16, 4
+
+
+def svg_compare(scenarios):
+    """One group of horizontal bars per route, one bar per setup: which setups overlap what."""
+    routes = list(dict.fromkeys(s["route"] for s in scenarios))
+    rows = sum(1 + sum(s["route"] == route for s in scenarios) for route in routes)
+    height = SVG_TOP + rows * (COMPARE_BAR_HEIGHT + COMPARE_GAP) + 10
+    width = SVG_WIDTH - COMPARE_LABEL_WIDTH - 170  # room for the figures after the bar
+    parts = [(f'<svg class="compare" width="{SVG_WIDTH}" height="{height}" role="img" '
+             'aria-label="measured totals by route and setup" xmlns="http://www.w3.org/2000/svg">')]
+    y = SVG_TOP
+    for route in routes:
+        group = [s for s in scenarios if s["route"] == route]
+        span = max(max(s["total_s"], s["model_s"]) for s in group) or 1e-9
+        parts.append(f'<text class="route" x="0" y="{y + 12}">{escape(route)}: GET '
+                     f'{escape(group[0]["path"])}</text>')
+        y += COMPARE_BAR_HEIGHT + COMPARE_GAP
+        for s in group:
+            length = max(1.0, s["total_s"] / span * width)
+            model_x = COMPARE_LABEL_WIDTH + s["model_s"] / span * width
+            kind = "s2xx" if s["ok"] else "s5xx"
+            parts.append(
+                f'<g class="setup" data-scenario="{escape(s["setup"])}/{escape(route)}">'
+                f'<text x="{COMPARE_LABEL_WIDTH - 6}" y="{y + 12}" text-anchor="end">'
+                f'{escape(s["setup"])}</text>'
+                f'<rect class="bar {kind}" x="{COMPARE_LABEL_WIDTH}" y="{y}" width="{length:.1f}" '
+                f'height="{COMPARE_BAR_HEIGHT}"><title>{escape(s["setup"])} / {escape(route)}: '
+                f'{s["total_s"]:.3f} s, model {escape(s["model"])} = {s["model_s"]:.2f} s'
+                f'</title></rect>'
+                f'<line class="tick" x1="{model_x:.1f}" y1="{y - 2}" x2="{model_x:.1f}" '
+                f'y2="{y + COMPARE_BAR_HEIGHT + 2}"/>'
+                f'<text x="{COMPARE_LABEL_WIDTH + width + 8}" y="{y + 12}">'
+                f'{s["total_s"]:.2f} s (model {s["model_s"]:.2f} s)</text></g>')
+            y += COMPARE_BAR_HEIGHT + COMPARE_GAP
+    parts.append("</svg>")
+    return "\n".join(parts)
 
 
 def svg_timeline(s):
@@ -407,14 +469,41 @@ def parse_args(argv):
 
 
 def print_blocking(argv):
-    """`report.py blocking NN-SETUP-ROUTE.json`: the scenario's one "Event loop:" line."""
+    """`report.py blocking NN-SETUP-ROUTE.json [--lab-pid PID]`: the scenario's "Event loop:"
+    line; with the lab's PID, also its workers' memory, kept beside the figures."""
     parser = OneLineParser(prog=f"{PROG} blocking",
                            description="What blocked a scenario's event loop.")
     parser.add_argument("figures", help="the scenario's load.py figures, NN-SETUP-ROUTE.json")
-    path = parser.parse_args(argv).figures
-    setup, _ = scenario_name(path)
-    print(describe_blocking(setup, blocking_of(path, setup, read_figures(path))))
+    parser.add_argument("--lab-pid", type=int, help="the lab's Gunicorn master: measure its "
+                        "workers' memory and save it (JSON) as NN-SETUP-ROUTE.workers")
+    args = parser.parse_args(argv)
+    setup, _ = scenario_name(args.figures)
+    line = describe_blocking(setup, blocking_of(args.figures, setup, read_figures(args.figures)))
+    if args.lab_pid:
+        workers = worker_memory(args.lab_pid)
+        Path(args.figures).with_suffix(".workers").write_text(json.dumps(workers))
+        line += (f"; {workers['workers']} worker{'s' * (workers['workers'] != 1)}, "
+                 f"{workers['rss_bytes'] / 2**20:.0f} MB resident")
+    print(line)
     return 0
+
+
+def worker_memory(master):
+    """{"workers": count, "rss_bytes": their resident memory, summed}: the Gunicorn master's
+    children, found in /proc (Linux)."""
+    rss, count = 0, 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != master:  # the parent's PID
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        kb = next((int(line.split()[1]) for line in status.splitlines()
+                   if line.startswith("VmRSS:")), 0)
+        rss, count = rss + kb * 1024, count + 1
+    return {"workers": count, "rss_bytes": rss}
 
 
 def run_settings(args, scenarios):

@@ -243,12 +243,14 @@ export DATABASE_URL  # to the labs in their environment: a command line is visib
 phase="set-up (starting the labs)"
 health=(slow_server.py "$slow_url/healthz" "$slow_pid" "$work/slow_server.log")
 lab_pids=()
+declare -A lab_pid=()
 for setup in "${!lab_port[@]}"; do
   start "$PY" lab.py --setup "$setup" --bind "127.0.0.1:${lab_port[$setup]}" \
     --slow-url "$slow_url" --delay "$delay" --events "$work/$setup.events" \
     >"$work/$setup.log" 2>&1
   lab_pids+=("${children[-1]}")
-  health+=("lab.py --setup $setup" "http://127.0.0.1:${lab_port[$setup]}/healthcheck/liveness"
+  lab_pid[$setup]=${children[-1]}
+  health+=("lab.py --setup $setup" "http://127.0.0.1:${lab_port[$setup]}/healthcheck/readiness"
            "${children[-1]}" "$work/$setup.log")
 done
 wait_until_healthy "${health[@]}"
@@ -268,7 +270,7 @@ for line in "${plan[@]}"; do
     --save "$work/$name.json" "http://127.0.0.1:${lab_port[$setup]}$path" >&$out
   wait_for "${children[-1]}" || true
   [[ -s $work/$name.json ]] || die "load.py saved no figures for $setup / $route"
-  start "$PY" report.py blocking "$work/$name.json" >&$out
+  start "$PY" report.py blocking "$work/$name.json" --lab-pid "${lab_pid[$setup]}" >&$out
   wait_for "${children[-1]}" || true
 done
 
@@ -283,8 +285,8 @@ report_flags=(--delay "$delay")
 ((json)) && report_flags+=(--json)
 [[ -n $report ]] && report_flags+=(--html "$report")
 if ((!json)); then
-  printf '\n=== Results (model: h = HTTP delay, d = pg_sleep, n requests c at a time,'
-  printf ' rounds = ceil(n/c); python lab.py --list --json says why each)\n'
+  printf '\n=== Results (model: h = HTTP delay, d = pg_sleep, n requests c at a time, rounds ='
+  printf ' ceil(n / min(c, requests a worker runs at once)); python lab.py --list --json says why)\n'
 fi
 start "$PY" report.py "${report_flags[@]}" "$work"/[0-9]*.json
 wait_for "${children[-1]}" || status=$?

@@ -118,8 +118,8 @@ def start_slow_server(tmp_path):
         server = Process(["slow_server.py", "--bind", f"127.0.0.1:{port}", "--delay", str(delay)],
                          tmp_path / f"slow-{port}.log")
         server.url = f"http://127.0.0.1:{port}"
-        server.wait_until_answering(server.url + "/healthz")
         started.append(server)
+        server.wait_until_answering(server.url + "/healthz")
         return server
 
     yield start
@@ -129,18 +129,19 @@ def start_slow_server(tmp_path):
 
 @pytest.fixture
 def start_lab(tmp_path, database_url):
-    """Start `lab.py --patch MODE` on a free port; on teardown, stop it and check its log."""
+    """Start `lab.py --setup SETUP` (the article's --patch modes are setups too) on a free port;
+    on teardown, stop it and check its log."""
     started = []
 
     def start(mode, slow_url, delay=0.2, extra=(), database=None):
         port = free_port()
-        lab = Process(["lab.py", "--patch", mode, "--bind", f"127.0.0.1:{port}",
+        lab = Process(["lab.py", "--setup", mode, "--bind", f"127.0.0.1:{port}",
                        "--slow-url", slow_url, "--database-url", database or database_url,
                        "--delay", str(delay), *extra],
                       tmp_path / f"lab-{mode}-{port}.log")
         lab.url = f"http://127.0.0.1:{port}"
-        lab.wait_until_answering(lab.url + "/healthcheck/liveness")
-        started.append(lab)
+        started.append(lab)  # stopped at teardown, even if it never gets ready
+        lab.wait_until_answering(lab.url + "/healthcheck/readiness")  # every worker booted
         return lab
 
     yield start

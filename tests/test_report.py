@@ -42,7 +42,7 @@ NO_VIEW_EVENT = {**DB_EVENT, "seconds": 0.150, "call": "time sleep",
 
 JSON_KEYS = {"mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
              "model", "model_s", "article_s", "statuses", "blocks", "blocked_s", "top_culprit",
-             "timeline"}
+             "timeline", "workers", "worker_rss_mb"}
 
 
 def at(event, seconds):
