@@ -405,6 +405,7 @@ def build_application(options):
     )
     django.setup()
     log_django_in_one_line()
+    forget_no_query_log()
     LAB.update(options, setup=setup)
     global urlpatterns
     from django.urls import path
@@ -461,8 +462,10 @@ def gunicorn_settings(args):
 
 
 def setting_flags(args):
-    """The Gunicorn settings given on the command line (--workers, --threads)."""
-    given = {"workers": args.workers, "threads": args.threads}
+    """The Gunicorn settings given on the command line (--workers, --threads,
+    --worker-connections)."""
+    given = {"workers": args.workers, "threads": args.threads,
+             "worker_connections": args.worker_connections}
     return {key: value for key, value in given.items() if value is not None}
 
 
@@ -609,6 +612,10 @@ def parse_args(argv):
                              "except `processes`: 10)")
     parser.add_argument("--threads", type=int,
                         help="threads per worker of the gthread worker (setup `threads`: 10)")
+    parser.add_argument("--worker-connections", type=int, metavar="N",
+                        help="gevent and asgi setups: requests one worker runs at once (default "
+                             f"{GUNICORN_DEFAULTS['worker_connections']}, the article's; past "
+                             "it requests wait for a slot)")
     parser.add_argument("--slow-url", default=DEFAULT_SLOW_URL,
                         help=f"base URL of slow_server.py (default {DEFAULT_SLOW_URL})")
     parser.add_argument("--database-url", default=None,
@@ -647,6 +654,8 @@ def parse_args(argv):
         parser.error("--workers must be from 1 to 64")
     if args.threads is not None and not 1 <= args.threads <= 1000:
         parser.error("--threads must be from 1 to 1000")
+    if args.worker_connections is not None and not 1 <= args.worker_connections <= 10000:
+        parser.error("--worker-connections must be from 1 to 10000")
     if not 0 <= args.delay <= MAX_SLEEP:
         parser.error(f"--delay must be from 0 to {MAX_SLEEP:g} seconds")
     if not 0 <= args.monitor_threshold <= 60:
@@ -1145,6 +1154,16 @@ def keep_database_connections(size):
         base.DatabaseWrapper = PooledDatabaseWrapper
 
 
+def forget_no_query_log():
+    """Django empties every connection's query log at each request start; with DEBUG off
+    nothing is logged, and the call walks every connection through asgiref's Local, slow
+    under gevent: gone, for the 1,000-at-once runs (about 2 % of the worker's CPU)."""
+    from django.core.signals import request_started
+    from django.db import reset_queries
+
+    request_started.disconnect(reset_queries)
+
+
 def warm_up(application):
     """Pay first-use costs before the first request is timed, not inside it.
 
@@ -1255,8 +1274,10 @@ class SlowService:
         self.url = base_url
         self.path = parts.path.rstrip("/") + "/api/v1/movies"
         self.timeout, self.keep, self.idle = timeout, keep, []
+        self.address = None  # (family, type, proto, sockaddr), resolved once: see connect()
 
     def warm(self):
+        self.resolve()
         while len(self.idle) < self.keep:
             conn = self.new_connection()
             try:
@@ -1266,7 +1287,32 @@ class SlowService:
             self.idle.append(conn)
 
     def new_connection(self):
-        return self.connection_class(self.host, self.port, timeout=self.timeout)
+        conn = self.connection_class(self.host, self.port, timeout=self.timeout)
+        if self.address is not None:
+            conn._create_connection = self.connect  # http.client's hook for making the socket
+        return conn
+
+    def resolve(self):
+        """Look the service's name up once, at boot. socket.create_connection() looks it up
+        at every connect, and under gevent each lookup, even of 127.0.0.1, is a round trip
+        through a thread pool: at 1,000 requests at once that was a fifth of the worker's CPU."""
+        try:
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM)[0]
+        except (OSError, UnicodeError):
+            return  # connects will look it up, and say what is wrong
+        self.address = (family, kind, proto, sockaddr)
+
+    def connect(self, address, timeout, source_address=None):
+        family, kind, proto, sockaddr = self.address
+        sock = socket.socket(family, kind, proto)  # gevent's socket: patched in the worker
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def get_movie(self):
         """One GET; a service that is down answers 502, one that hangs 504 (SlowServiceError)."""
@@ -1571,6 +1617,55 @@ def called_function(frame):
 
 
 # ---------------------------------------------------------------------------------------------
+# At scale: the machine's limits, checked before anything starts
+# ---------------------------------------------------------------------------------------------
+
+FILES_PER_REQUEST = 3  # the client's socket, one to the slow service, one to PostgreSQL
+SPARE_FILES = 64  # Python, Django, Gunicorn's pipes and logs
+
+
+def check_machine_limits(args):
+    """Each request a worker runs holds about three open files, and in the thread setups a
+    thread: past the limits, accept() or connect() fail in the middle of a run and the lab
+    measures that. A soft open-file limit below the hard one is raised to it (any process may,
+    and the workers inherit it); what is still too low is one line, before anything starts."""
+    import resource
+
+    slots = worker_slots(args.setup, setting_flags(args))
+    needed = slots * FILES_PER_REQUEST + SPARE_FILES  # per process: each worker has its own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard == resource.RLIM_INFINITY or hard >= needed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        else:
+            raise LabError(f"{slots} requests at once per worker need about {needed} open "
+                           f"files, but the limit is {hard} (raise it with ulimit -n, or lower "
+                           "--worker-connections)")
+    setup = SETUPS[args.setup]
+    threads = slots if setup.worker_class == "gthread" or setup.views == "async" else 0
+    threads *= gunicorn_settings_workers(args)
+    limit = thread_limit()
+    if threads and limit is not None and threads > limit:
+        raise LabError(f"{threads} threads (a thread per request at once) exceed the machine's "
+                       f"limit of {limit} (ulimit -u, kernel.threads-max)")
+
+
+def thread_limit():
+    """How many more threads this user may start, or None when nothing says."""
+    import resource
+
+    limits = []
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft != resource.RLIM_INFINITY and os.geteuid() != 0:  # root is not held to it
+        limits.append(soft)
+    try:
+        limits.append(int(Path("/proc/sys/kernel/threads-max").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -1638,6 +1733,7 @@ def serve(args, database):
     except ValueError as exc:
         raise LabError(str(exc)) from None
     check_installed(args.setup, embedded=not args.database_url)
+    check_machine_limits(args)
     options = app_options(args, args.database_url or "postgresql://", host)
     check_events_file(args.events)
     check_port_free(host, port)
