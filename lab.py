@@ -356,6 +356,36 @@ SETUPS.update({
     ),
 })
 
+# What `run_all.sh --scale` runs, against an embedded PostgreSQL with max_connections =
+# SCALE_MAX_CONNECTIONS: (setup, route, n, c). Each setup's lab runs with its SCALE_SETTINGS
+# (flags of lab.py, `_` for `-`), and no lab keeps idle connections (db_pool 0), so that one
+# lab's burst is not refused because the idle ones of the others fill the server.
+SCALE_MAX_CONNECTIONS = 100
+SCALE_SETTINGS = {
+    "*": {"db_pool": 0},
+    "all": {"worker_connections": 1000},
+    "pooled": {"worker_connections": 1000},
+    "asgi": {"worker_connections": 1000},
+    "threads": {"threads": 50},
+}
+SCALE_SCENARIOS = [
+    ("almost_all", "http", 1000, 1000),  # the article's 50 a worker: ceil(1000/50) = 20 rounds
+    ("all", "http", 1000, 1000),  # 1,000 a worker: one round, as far as its CPU keeps up
+    ("nothing", "db", 10, 10),  # connections held at once: 1
+    ("threads", "db", 50, 50),  # one per busy thread: c
+    ("asgi", "db", 50, 50),  # one per sync_to_async thread: c
+    ("all", "db", 300, 300),  # past max_connections: 503 "too many clients", then recovery
+    # Last: the pool keeps what it opened (up to max_size, for max_idle = 10 min), which would
+    # leave the scenarios after it less of the server.
+    ("pooled", "db", 300, 300),  # at most 50 connections: ceil(300/50) = 6 rounds, no errors
+]
+
+
+def scale_settings(setup):
+    """The lab settings `run_all.sh --scale` gives SETUP (see SCALE_SETTINGS)."""
+    return {**SCALE_SETTINGS["*"], **SCALE_SETTINGS.get(setup, {})}
+
+
 # What run_all.sh runs: the article's six scenarios (its totals for hey -n 10 -c 10 at 1 s
 # delays), then the fan-out route. `run_all.sh --all` runs every setup with every route.
 SCENARIOS = [
@@ -616,7 +646,9 @@ def describe_lab(every=False):
     }
 
 
-def print_list(every, as_json):
+def print_list(every, as_json, scale=False):
+    if scale:
+        return print_scale_list(as_json)
     if as_json:
         print(json.dumps(describe_lab(every), indent=2))
         return 0
@@ -1671,6 +1703,25 @@ def called_function(frame):
     return f"{owner.split('.')[0]} {names[-1]}"
 
 
+def print_scale_list(as_json):
+    """`--list --scale`: SETUP ROUTE PATH MODEL N C --FLAG=VALUE..., one line a scenario."""
+    rows = []
+    for setup, route, n, c in SCALE_SCENARIOS:
+        settings = scale_settings(setup)
+        rows.append({"setup": setup, "route": route, "path": ROUTES[route].path,
+                     "model": model_formula(setup, route), "requests": n, "concurrency": c,
+                     "settings": settings, "max_connections": SCALE_MAX_CONNECTIONS})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        flags = " ".join(f"--{key.replace('_', '-')}={value}"
+                         for key, value in row["settings"].items())
+        print(row["setup"], row["route"], row["path"], row["model"].replace(" ", ""),
+              row["requests"], row["concurrency"], flags)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # At scale: the machine's limits, checked before anything starts
 # ---------------------------------------------------------------------------------------------
@@ -1697,6 +1748,9 @@ def add_scale_flags(parser):
                              "connection count (held, active, idle) to FILE as JSON lines "
                              "when it changes")
     parser.add_argument("--sample-connections", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", action="store_true",
+                        help="with --list: the scenarios of run_all.sh --scale (N C and the "
+                             "labs' flags on each line)")
 
 
 def check_scale_flags(parser, args):
@@ -1960,7 +2014,7 @@ def main(argv=None):
         if args.sample_connections:
             return sample_connections()
         if args.list:
-            return print_list(args.all, args.json)
+            return print_list(args.all, args.json, args.scale)
         if args.max_connections is not None:
             database.max_connections = args.max_connections
         if args.database_only:

@@ -65,7 +65,8 @@ def load_scenario(path, delay):
     setup, route = scenario_name(path)
     figures = read_figures(path)
     n, c = figures["requests"], figures["concurrency"]
-    model = lab.model_seconds(setup, route, n, c, delay, delay)
+    settings = read_settings(path, setup)
+    model = lab.model_seconds(setup, route, n, c, delay, delay, settings=settings)
     article = article_total(setup, route) if (n, c, delay) == (10, 10, 1.0) else None
     return {
         "mode": setup,
@@ -79,15 +80,29 @@ def load_scenario(path, delay):
         "rps": figures["rps"],
         "model": lab.model_formula(setup, route),
         "model_s": round(model, 6),
+        "settings": settings,
         "article_s": article,
         "statuses": figures["status_codes"],
         "errors": figures["errors"],
         "ok": ok(figures, n),
         "timeline": timeline(figures),
         "blocking": blocking_of(path, setup, figures),
+        "connections": connections_of(path, setup, figures),
         **read_workers(path),
         "figures": figures,
     }
+
+
+def read_settings(path, setup):
+    """The lab's settings where run_all.sh changed them (SETUP.settings beside the figures, JSON:
+    workers, worker_connections, pool_size), for the model; {} for the setup's own."""
+    try:
+        kept = json.loads(Path(path).with_name(f"{setup}.settings").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: value for key, value in kept.items()
+            if key in ("workers", "worker_connections", "threads", "pool_size")
+            and isinstance(value, int)}
 
 
 def read_workers(path):
@@ -124,7 +139,7 @@ def blocking_of(path, setup, figures):
     return blocking_summary(read_events(events), window)
 
 
-def read_events(path):
+def read_events(path, kind="blocked"):
     """lab.py's event records: one JSON object a line (a torn last line is skipped)."""
     records = []
     for line in Path(path).read_text(errors="replace").splitlines():
@@ -132,9 +147,50 @@ def read_events(path):
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and record.get("event") == "blocked":
+        if isinstance(record, dict) and record.get("event") == kind:
             records.append(record)
     return records
+
+
+# --- Connections: what the lab held in PostgreSQL (lab.py --connections) ---------------------
+
+CONNECTIONS_AFTER_S = 0.5  # "left behind": what the lab still holds this long after the burst
+
+
+def connections_of(path, setup, figures):
+    """The lab's PostgreSQL connections during the scenario's run, from SETUP.connections
+    beside its figures; None where none were sampled."""
+    samples = Path(path).with_name(f"{setup}.connections")
+    if not samples.exists():
+        return None
+    window = (figures.get("started_at", 0), figures.get("ended_at", math.inf))
+    return connection_summary(read_events(samples, "connections"), window)
+
+
+def connection_summary(records, window):
+    """{"peak": most held at once, "peak_active": most running a query at once, "left": held
+    CONNECTIONS_AFTER_S after the burst, "left_idle": of which idle}. The sampler writes a
+    record when the count changes, so the count at a moment is the last record before it."""
+    records = sorted(records, key=lambda r: r["at"])
+
+    def state_at(moment):
+        return next((r for r in reversed(records) if r["at"] <= moment), None)
+
+    seen = [r for r in records if window[0] <= r["at"] <= window[1]]
+    before = state_at(window[0])
+    seen += [before] if before else []
+    left = state_at(window[1] + CONNECTIONS_AFTER_S)
+    return {"peak": max((r["held"] for r in seen), default=None),
+            "peak_active": max((r["active"] for r in seen), default=None),
+            "left": left and left["held"], "left_idle": left and left["idle"]}
+
+
+def describe_connections(connections):
+    if connections is None or connections["peak"] is None:
+        return "PostgreSQL connections: (not sampled)"
+    return (f"PostgreSQL connections: {connections['peak']} held at most "
+            f"({connections['peak_active']} in a query); {connections['left']} left open after "
+            f"the burst ({connections['left_idle']} idle)")
 
 
 def blocking_summary(records, window=(0, math.inf)):
@@ -179,14 +235,14 @@ def describe_blocking(setup, blocking):
 
 def format_table(scenarios):
     header = (f"{'scenario':<24} {'measured':>10} {'req/s':>7} {'model':>8} {'vs model':>9} "
-              f"{'article':>8} {'memory':>7} {'blocked':>7}  result")
+              f"{'article':>8} {'memory':>7} {'blocked':>7} {'conns':>5}  result")
     lines = [header]
     for s in scenarios:
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
         lines.append(
             f"{s['setup'] + ' / ' + s['route']:<24} {s['total_s']:>8.3f} s {s['rps']:>7.2f} "
             f"{s['model_s']:>6.2f} s {over_model(s):>+8.1f}% {article:>8} "
-            f"{memory(s):>7} {blocked_count(s):>7}  {result(s)}"
+            f"{memory(s):>7} {blocked_count(s):>7} {peak_connections(s):>5}  {result(s)}"
         )
     return "\n".join(lines)
 
@@ -201,6 +257,12 @@ def over_model(scenario):
     if not scenario["model_s"]:
         return 0.0
     return (scenario["total_s"] / scenario["model_s"] - 1) * 100
+
+
+def peak_connections(scenario):
+    """The conns column: the most PostgreSQL connections the lab held during the run."""
+    connections = scenario["connections"]
+    return "-" if connections is None or connections["peak"] is None else str(connections["peak"])
 
 
 def blocked_count(scenario):
@@ -221,11 +283,16 @@ def describe_failures(scenario):
 
 def json_line(scenario):
     keys = ("mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
-            "model", "model_s", "article_s", "statuses", "workers", "worker_rss_mb")
+            "model", "model_s", "article_s", "statuses", "workers", "worker_rss_mb", "settings")
     line = {key: scenario[key] for key in keys}
     blocking = scenario["blocking"] or {}  # null for the sync worker: it has no event loop
     line.update(blocks=blocking.get("blocks"), blocked_s=blocking.get("blocked_s"),
-                top_culprit=blocking.get("top_culprit"), timeline=scenario["timeline"])
+                top_culprit=blocking.get("top_culprit"))
+    connections = scenario["connections"] or {}  # null where nothing was sampled
+    line.update(peak_connections=connections.get("peak"),
+                peak_active_connections=connections.get("peak_active"),
+                connections_left=connections.get("left"),
+                idle_connections_left=connections.get("left_idle"), timeline=scenario["timeline"])
     return json.dumps(line)
 
 
@@ -304,13 +371,13 @@ def html_setup_notes(setups):
 
 def html_table(scenarios):
     head = ("scenario", "measured", "req/s", "model", "measured/model", "article", "blocked",
-            "result")
+            "connections", "result")
     rows = ["<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
     for s in scenarios:
         ratio = f"{s['total_s'] / s['model_s']:.2f}\u00d7" if s["model_s"] else "-"
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
         cells = (f"{s['setup']} / {s['route']}", f"{s['total_s']:.3f} s", f"{s['rps']:.2f}",
-                 f"{s['model_s']:.2f} s", ratio, article, blocked_count(s))
+                 f"{s['model_s']:.2f} s", ratio, article, blocked_count(s), peak_connections(s))
         rows.append(f'<tr class="{"ok" if s["ok"] else "failed"}">'
                     + "".join(f"<td>{escape(c)}</td>" for c in cells)
                     + f'<td class="result">{escape(result(s))}</td></tr>')
@@ -335,6 +402,8 @@ def html_scenario(number, s):
          f"{s['model_s']:.2f} s: {escape(result(s))}.</p>"),
         svg_timeline(s),
         f'<p class="blocking">{escape(describe_blocking(s["setup"], blocking))}</p>',
+        (f'<p class="connections">{escape(describe_connections(s["connections"]))}</p>'
+         if s["connections"] else ""),
         f"<p>For example:</p><pre>{escape(example)}</pre>" if example else "",
         "</section>",
     ])
@@ -478,7 +547,11 @@ def print_blocking(argv):
                         "workers' memory and save it (JSON) as NN-SETUP-ROUTE.workers")
     args = parser.parse_args(argv)
     setup, _ = scenario_name(args.figures)
-    line = describe_blocking(setup, blocking_of(args.figures, setup, read_figures(args.figures)))
+    figures = read_figures(args.figures)
+    line = describe_blocking(setup, blocking_of(args.figures, setup, figures))
+    connections = connections_of(args.figures, setup, figures)
+    if connections is not None:
+        line += "\n" + describe_connections(connections)
     if args.lab_pid:
         workers = worker_memory(args.lab_pid)
         Path(args.figures).with_suffix(".workers").write_text(json.dumps(workers))
@@ -497,6 +570,8 @@ def worker_memory(master):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) != master:  # the parent's PID
                 continue
+            if b"--sample-connections" in (stat.parent / "cmdline").read_bytes():
+                continue  # the lab's connection sampler, not a worker
             status = (stat.parent / "status").read_text()
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
