@@ -92,8 +92,10 @@ SETUPS = {
             "yield to other requests, but psycopg2 waits inside libpq, which gevent cannot "
             "see, so each query blocks the whole event loop.",
         # The slow service keeps sleeping while the worker is stuck in psycopg2, so HTTP waits
-        # hide behind DB waits; DB waits never overlap.
-        model={"db": "n*d", "both": "h + n*d", "*": "rounds*t"},
+        # hide behind DB waits; DB waits never overlap within a worker (a stuck worker accepts
+        # nothing, so the others take the rest: each runs about n / workers of them).
+        model={"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
+               "*": "rounds*t"},
     ),
     "all": Setup(
         worker_class="gevent",
@@ -303,7 +305,8 @@ SETUPS.update({
         why="The trap: psycopg 3 imported before gevent patches (here in Gunicorn's master, "
             "as a config file or --preload does) keeps its C wait function, which blocks the "
             "hub: queries run one at a time, as with psycopg2 in almost_all.",
-        model={"db": "n*d", "both": "h + n*d", "*": "rounds*t"},
+        model={"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
+               "*": "rounds*t"},
         driver="psycopg",
         on_starting=import_psycopg_in_master,
     ),
@@ -324,7 +327,8 @@ SETUPS.update({
         why="The trap: a blocking call (a sync HTTP client, time.sleep) inside an async view "
             "holds the one event loop, so every request waits for it; the monitor names the "
             "call and the view.",
-        model={"http": "n*h", "both": "n*h + d", "fanout": None, "*": "rounds*t"},
+        model={"http": "ceil(n / workers) * h", "both": "ceil(n / workers) * h + d",
+               "fanout": None, "*": "rounds*t"},
         fan_out="asyncio",
         views="async",
         http_client="blocking",
@@ -630,7 +634,10 @@ def describe_lab(every=False):
     """SETUPS, ROUTES and the scenarios as plain JSON-ready data."""
     return {
         "variables": {"h": "slow HTTP call, s", "d": "pg_sleep, s", "n": "requests",
-                      "c": "concurrency", "rounds": "ceil(n / c)",
+                      "c": "concurrency",
+                      "rounds": "ceil(n / min(c, workers x requests a worker runs at once))",
+                      "workers": "Gunicorn workers (--workers)",
+                      "pool": "setup pooled: PostgreSQL connections a worker holds at most",
                       "k": f"calls per fan-out request ({FAN_OUT_CALLS})",
                       "t": "one request alone (the route's `alone`)"},
         "setups": {name: {"worker_class": s.worker_class, "story": s.story, "why": s.why,

@@ -53,7 +53,7 @@ trap 'on_signal 129' HUP
 usage() {
   cat <<'EOF'
 usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--all] [--json]
-                    [--report FILE] [--scale]
+                    [--report FILE] [--scale] [--workers N]
        ./run_all.sh --test [PYTEST ARGS]
 
   --delay SECONDS   slow HTTP delay and pg_sleep, together (default 1; 0.2 gives a quick run)
@@ -62,6 +62,8 @@ usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--all] [--
   --all             every setup with every route, not only the article's scenarios
   --json            one JSON object per scenario on stdout (summaries go to stderr)
   --report FILE     also write an HTML page: the table, each request's timeline, what blocked
+  --workers N       N Gunicorn workers in every lab (default: each setup's own, 1 or 10);
+                    the model shares the requests among them
   --scale           at scale instead: lab.py --list --scale's scenarios, each with its own n
                     and c, against an embedded PostgreSQL with a low max_connections; the
                     table adds the most connections each lab held
@@ -81,7 +83,7 @@ die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 # --- flags -----------------------------------------------------------------------------------
 # Bash alone checks them (no awk, no coreutils), so a broken PATH cannot turn into a false
 # "bad flag" message.
-delay=1 requests=10 concurrency=10 json=0 test=0 every=0 report= scale=0
+delay=1 requests=10 concurrency=10 json=0 test=0 every=0 report= scale=0 workers=
 is_count() { [[ $1 =~ ^[1-9][0-9]*$ ]]; }
 is_delay() {  # a decimal above 0 and at most 60
   [[ $1 =~ ^([0-9]*)(\.([0-9]*))?$ && -n ${BASH_REMATCH[1]}${BASH_REMATCH[3]} ]] || return 1
@@ -96,6 +98,7 @@ while (($#)); do
     -c) (($# > 1)) || die "-c needs a value"; concurrency=$2; shift 2 ;;
     --all) every=1; shift ;;
     --scale) scale=1; shift ;;
+    --workers) (($# > 1)) || die "--workers needs a value"; workers=$2; shift 2 ;;
     --json) json=1; shift ;;
     --report) (($# > 1)) || die "--report needs a file name"; report=$2; shift 2 ;;
     --test) test=1; shift; break ;;
@@ -109,6 +112,8 @@ if ((!test)); then
   is_count "$requests" || die "-n must be a whole number above 0, not '$requests'"
   is_count "$concurrency" || die "-c must be a whole number above 0, not '$concurrency'"
   ((requests >= concurrency)) || die "-n cannot be less than -c"
+  [[ -z $workers ]] || { is_count "$workers" && ((workers <= 64)); } ||
+    die "--workers must be a whole number from 1 to 64, not '$workers'"
   if [[ -n $report ]]; then
     [[ $report == /* ]] || report=$invoked_from/$report
     report_dir=${report%/*}
@@ -261,8 +266,11 @@ for setup in "${!lab_port[@]}"; do
   # The lab's flags (--scale), also kept as JSON for report.py's model; every lab's
   # PostgreSQL connections sampled to SETUP.connections.
   read -ra flags <<<"${lab_flags[$setup]}"
-  "$PY" -c 'import json, lab, sys; print(json.dumps(lab.scale_settings(sys.argv[1])
-    if sys.argv[2] == "1" else {}))' "$setup" "$scale" >"$work/$setup.settings"
+  [[ -z $workers ]] || flags+=(--workers "$workers")
+  "$PY" -c 'import json, lab, sys
+settings = lab.scale_settings(sys.argv[1]) if sys.argv[2] == "1" else {}
+print(json.dumps({**settings, **({"workers": int(sys.argv[3])} if sys.argv[3] else {})}))
+' "$setup" "$scale" "$workers" >"$work/$setup.settings"
   start "$PY" lab.py --setup "$setup" --bind "127.0.0.1:${lab_port[$setup]}" \
     --slow-url "$slow_url" --delay "$delay" --events "$work/$setup.events" \
     --connections "$work/$setup.connections" "${flags[@]}" \
@@ -279,7 +287,7 @@ if ((scale)); then
     "$("$PY" -c 'import lab; print(lab.SCALE_MAX_CONNECTIONS)'); slow HTTP call ${delay} s," \
     "pg_sleep ${delay} s" >&$out
 else
-  echo "Async Workers Lab: $requests requests, $concurrency at a time, one worker;" \
+  echo "Async Workers Lab: $requests requests, $concurrency at a time, ${workers:-one} worker(s);" \
     "slow HTTP call ${delay} s, pg_sleep ${delay} s" >&$out
 fi
 

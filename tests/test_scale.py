@@ -148,3 +148,21 @@ def test_scale_list_has_counts_and_flags():
     model = lab.model_seconds("pooled", "db", pooled["requests"], pooled["concurrency"], 1, 1,
                               settings=pooled["settings"])
     assert model == 6  # ceil(300 / 50) rounds of d
+
+
+def test_workers_share_the_requests_and_multiply_connections(start_lab, start_slow_server,
+                                                             tmp_path):
+    """--workers 2 under almost_all: each worker runs its queries one at a time, so two
+    workers take half as long and hold two connections at once (N x one per worker)."""
+    slow = start_slow_server(0.1)
+    connections = tmp_path / "almost_all.connections"
+    lab_process = start_lab("almost_all", slow.url, delay=0.3,
+                            extra=("--workers", "2", "--db-pool", "0",
+                                   "--connections", str(connections)))
+    figures = load(lab_process.url + "/only-database-call/", 6, 6)
+    assert figures["status_codes"] == {"200": 6}, figures
+    model = lab.model_seconds("almost_all", "db", 6, 6, 0.1, 0.3, settings={"workers": 2})
+    assert model == pytest.approx(0.9)
+    assert model * 0.95 <= figures["total_s"] <= model + 0.6, figures["total_s"]
+    summary = peak_of(connections, figures["started_at"], figures["ended_at"])
+    assert summary["peak"] == 2, summary
