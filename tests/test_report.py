@@ -42,7 +42,8 @@ NO_VIEW_EVENT = {**DB_EVENT, "seconds": 0.150, "call": "time sleep",
 
 JSON_KEYS = {"mode", "setup", "route", "requests", "concurrency", "delay", "total_s", "rps",
              "model", "model_s", "article_s", "statuses", "blocks", "blocked_s", "top_culprit",
-             "timeline", "workers", "worker_rss_mb"}
+             "timeline", "workers", "worker_rss_mb", "settings", "peak_connections",
+             "peak_active_connections", "connections_left", "idle_connections_left"}
 
 
 def at(event, seconds):
@@ -215,7 +216,7 @@ def test_the_table_has_a_blocked_column(results):
     result = run(["report.py", "--delay", str(DELAY), *report_files(results)])
     assert result.returncode == 1, "the mixed scenario failed, so the report does"
     header, *rows = result.stdout.splitlines()
-    assert header.split()[-2:] == ["blocked", "result"]
+    assert header.split()[-3:] == ["blocked", "conns", "result"]
     end = header.index("blocked") + len("blocked")  # the column is right-aligned
     blocked = {row.split()[0]: row[end - len("blocked"):end].strip() for row in rows}
     assert blocked == {"nothing": "-", "almost_all": "3", "all": "0"}
