@@ -268,10 +268,9 @@ def gunicorn_settings(args):
         proc_name=f"async-workers-lab ({args.setup})",
         control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
         graceful_timeout=5,
+        post_fork=worker_post_fork(setup.post_fork),
         post_worker_init=leave_interrupt_to_master,
     )
-    if setup.post_fork:
-        settings["post_fork"] = setup.post_fork
     return settings
 
 
@@ -304,6 +303,19 @@ def json_access_logger():
     from gunicorn.glogging import Logger
 
     class JsonAccessLogger(Logger):
+        def exception(self, msg, *args, **kwargs):
+            """Gunicorn's own errors in one line, like Django's (OneLineFormatter). A sync
+            worker told to stop mid-request (Ctrl-C, a hang-up) ends in SystemExit: that is
+            a stop, not a fault."""
+            exc = sys.exc_info()[1]
+            if isinstance(exc, SystemExit):
+                text = (msg % args if args else msg).replace("Error handling request", "request")
+                self.info("%s cut short: the worker is stopping", text)
+                return
+            detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+            self.error("%s%s", (msg % args if args else msg).replace("\n", " "),
+                       str(detail).replace("\n", " "))
+
         def access(self, resp, req, environ, request_time):
             if not self.access_log_enabled:
                 return
@@ -321,15 +333,36 @@ def json_access_logger():
     return JsonAccessLogger
 
 
+# A terminal sends these to its whole foreground process group: Ctrl-C, and SIGHUP when it is
+# closed (tmux kill-session, a closed window). The master stops the workers for both.
+TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
+
+
+def worker_post_fork(setup_hook):
+    """Gunicorn's post_fork, in the new worker before it boots: the terminal's signals are held
+    back until leave_interrupt_to_master() ignores them, and the worker dies with its master
+    (even one killed with SIGKILL) from here on, also while it boots. Then the setup's hook."""
+
+    def post_fork(server, worker):
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+        die_with_parent(signal.SIGTERM, worker.ppid)
+        if setup_hook:
+            setup_hook(server, worker)
+
+    return post_fork
+
+
 def leave_interrupt_to_master(worker):
-    """Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT.
+    """Ctrl-C and a hang-up reach the whole process group; the master then sends each worker
+    SIGQUIT.
 
     A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
-    a traceback, so workers ignore SIGINT and wait for their master's word. A worker also dies
-    with its master, even one killed with SIGKILL.
+    a traceback, and one that keeps SIGHUP's default dies at once, mid-request ("Worker was
+    sent SIGHUP!"). So workers ignore both and wait for their master's word.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(signal.SIGTERM, worker.ppid)
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
 
 
 # =============================================================================================
@@ -1195,15 +1228,27 @@ def check_events_file(path):
         raise LabError(f"--events: cannot write {path}: {exc.strerror}") from None
 
 
+CLEANING_UP = False  # set first thing in main()'s clean-up: later stop signals change nothing
+
+
 def raise_system_exit(signum, frame):
-    raise SystemExit(128 + signum)
+    if not CLEANING_UP:
+        raise SystemExit(128 + signum)
+
+
+def raise_interrupt(signum, frame):
+    if not CLEANING_UP:
+        raise KeyboardInterrupt
 
 
 def hold_database(database):
     """--database-only: print the URL, keep the server until a signal."""
-    print(f"DATABASE_URL={database.url}", flush=True)
+    try:
+        print(f"DATABASE_URL={database.url}", flush=True)
+    except OSError:  # the terminal is gone: its hang-up is on its way
+        pass
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)  # a normal stop, like Ctrl-C
+        signal.signal(sig, raise_interrupt)  # a normal stop, like Ctrl-C
     try:
         while database.process.poll() is None:
             time.sleep(0.5)
@@ -1235,10 +1280,12 @@ def serve(args, database):
 
 
 def main(argv=None):
+    global CLEANING_UP
     database = EmbeddedPostgres()
     # SIGTERM and SIGHUP before Gunicorn takes over must still clean up: make them SystemExit.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_system_exit)
+    signal.signal(signal.SIGINT, raise_interrupt)
     try:
         args = parse_args(argv)
         if args.list:
@@ -1258,7 +1305,29 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        # A second signal must not cut the clean-up short: a hang-up reaches the whole process
+        # group and run_all.sh's SIGTERM follows it, and Ctrl-C is often pressed twice. The
+        # flag comes first (a plain store: no signal handler runs before it), so a signal
+        # already caught is dropped by our handlers; then none are delivered at all.
+        CLEANING_UP = True
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         database.stop()
+        drop_unwritable_output()
+
+
+def drop_unwritable_output():
+    """After a hang-up, writes to the terminal fail (EIO) and what they held stays buffered:
+    Python would fail again flushing it at exit and exit with status 120. Send it nowhere."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
 if __name__ == "__main__":

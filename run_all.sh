@@ -36,7 +36,10 @@ on_exit() {
   [[ -z $work ]] || rm -rf "$work"
 }
 on_signal() {
-  trap - INT TERM HUP
+  # Ignored, not reset, while we clean up: a hang-up comes twice (tmux signals the process
+  # group, then the kernel signals us as the terminal closes) and Ctrl-C is often pressed
+  # twice; the default action would kill this script before it has stopped its children.
+  trap '' INT TERM HUP
   { echo; echo "run_all.sh: interrupted during $phase; stopping everything it started"; } \
     >&2 2>/dev/null || true  # after a hang-up there may be no terminal to write to
   on_exit
