@@ -267,7 +267,9 @@ def gunicorn_settings(args):
         logger_class=json_access_logger(),
         proc_name=f"async-workers-lab ({args.setup})",
         control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
-        graceful_timeout=5,
+        # Seconds a stop waits for requests in flight before it kills the workers: a run_all.sh
+        # killed with SIGKILL leaves its labs a SIGTERM, and they must be gone within 5 s.
+        graceful_timeout=3,
         post_fork=worker_post_fork(setup.post_fork),
         post_worker_init=leave_interrupt_to_master,
     )
@@ -341,11 +343,15 @@ TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
 def worker_post_fork(setup_hook):
     """Gunicorn's post_fork, in the new worker before it boots: the terminal's signals are held
     back until leave_interrupt_to_master() ignores them, and the worker dies with its master
-    (even one killed with SIGKILL) from here on, also while it boots. Then the setup's hook."""
+    from here on, also while it boots. Then the setup's hook.
+
+    SIGKILL, not SIGTERM: a master killed with SIGKILL was meant to be gone, and a worker inside
+    a query (sync, or gevent with psycopg2 blocking) would only see a SIGTERM once it returns,
+    up to 60 s later."""
 
     def post_fork(server, worker):
         signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
-        die_with_parent(signal.SIGTERM, worker.ppid)
+        die_with_parent(signal.SIGKILL, worker.ppid)
         if setup_hook:
             setup_hook(server, worker)
 
@@ -1285,7 +1291,8 @@ def main(argv=None):
     # SIGTERM and SIGHUP before Gunicorn takes over must still clean up: make them SystemExit.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_system_exit)
-    signal.signal(signal.SIGINT, raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored one stays so
+        signal.signal(signal.SIGINT, raise_interrupt)
     try:
         args = parse_args(argv)
         if args.list:

@@ -298,3 +298,65 @@ def test_tmux_kill_session_stops_run_all(phase, sandbox, tmux):
     assert tmux("kill-session", "-t", "lab").returncode == 0
     assert_nothing_left(sandbox, f"tmux kill-session during {phase}")
     assert "Traceback" not in screen, screen
+
+
+# --- 2. kill -9: children die with their parent, and the next run sweeps up --------------------
+
+def assert_gone_within(box, seconds, what):
+    killed = time.monotonic()
+    left = box.wait_all_gone(seconds)
+    assert not left, f"still running {seconds} s after {what}:\n" + "\n".join(left)
+    return time.monotonic() - killed
+
+
+@pytest.mark.parametrize("database", ["embedded", "external"])
+def test_run_all_killed_leaves_nothing_running(database, sandbox, database_url):
+    """Each child of run_all.sh has a parent-death signal (setpriv): SIGKILL reaches no trap."""
+    if database == "external":  # the labs' queries are not cut short by PostgreSQL stopping
+        sandbox.env["DATABASE_URL"] = database_url
+    proc = sandbox.popen(["./run_all.sh", "--delay", "0.5"], new_session=True)
+    wait_until(lambda: running(sandbox, "load.py"), 90, "a scenario")
+    time.sleep(0.5)  # requests in flight
+    proc.kill()
+    took = assert_gone_within(sandbox, 5, "kill -9 of run_all.sh")
+    print(f"{database}: all gone {took:.2f} s after kill -9")
+    # What is left is run_all.sh's work folder, for the next run to remove.
+    assert [p.name[:8] for p in sandbox.tmp.iterdir()] == ["awl-run-"], os.listdir(sandbox.tmp)
+
+
+def test_next_run_removes_the_folder_of_a_killed_run(sandbox):
+    killed = sandbox.tmp / "awl-run-killed"
+    killed.mkdir()
+    (killed / "owner").write_text("999999999\n")  # above pid_max: no such process
+    (killed / "01-nothing-both.json").write_text("{}")
+    live = sandbox.tmp / "awl-run-live"  # a run still going: kept
+    live.mkdir()
+    (live / "owner").write_text(f"{os.getpid()}\n")
+    proc = sandbox.popen(["./run_all.sh", "--delay", "0.05"], new_session=True)
+    try:
+        wait_until(lambda: len(list(sandbox.tmp.glob("awl-run-*"))) == 2
+                   and not killed.exists(), 60, "the new run's folder")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert not killed.exists()
+    assert live.exists() and (live / "owner").exists()
+    shutil.rmtree(live)
+    assert_nothing_left(sandbox, "the second run")
+
+
+@pytest.mark.parametrize("patch", ["nothing", "almost_all"])
+def test_lab_killed_mid_query_takes_its_workers_within_5_s(patch, sandbox, database_url):
+    """A worker inside a long query would only see a SIGTERM when the query returns."""
+    sandbox.env["DATABASE_URL"] = database_url
+    args = lab_args("--patch", patch, "--workers", "2")
+    url = "http://" + args[3]
+    proc = sandbox.popen(args, new_session=True)
+    wait_until(lambda: serving(url), 60, "the lab to serve")
+    threading.Thread(target=quietly, args=(get, url + "/only-database-call/?seconds_to_sleep=20"),
+                     daemon=True).start()
+    time.sleep(1)
+    assert sum(" lab.py " in f" {d} " for _, d in sandbox.seen.values()) == 3  # master, 2 workers
+    proc.kill()
+    took = assert_gone_within(sandbox, 5, f"kill -9 of lab.py --patch {patch}")
+    print(f"{patch}: all gone {took:.2f} s after kill -9")
