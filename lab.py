@@ -326,10 +326,12 @@ def json_access_logger():
             # with a bare Response that has a status string and no sent count.
             status = int(atoms["s"]) if str(atoms["s"]).isdigit() else atoms["s"]
             sent = getattr(resp, "sent", None) or getattr(resp, "response_length", 0)
+            unparsed = isinstance(req, UnparsedRequest)  # see log_unparsed_requests()
             self.access_log.info(json.dumps({
-                "request": atoms["r"], "status": status, "length": sent,
+                "request": "-" if unparsed else atoms["r"], "status": status, "length": sent,
                 "referer": atoms["f"], "user_agent": atoms["a"],
                 "time_s": round(request_time.total_seconds(), 6), "date": atoms["t"],
+                **({"error": req.error} if unparsed else {}),
             }))
 
     return JsonAccessLogger
@@ -352,10 +354,39 @@ def worker_post_fork(setup_hook):
     def post_fork(server, worker):
         signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
         die_with_parent(signal.SIGKILL, worker.ppid)
+        log_unparsed_requests(worker)
         if setup_hook:
             setup_hook(server, worker)
 
     return post_fork
+
+
+class UnparsedRequest:
+    """What the access log is given for a request Gunicorn could not parse."""
+
+    method, uri, query, version, body, headers = "-", "-", "", ("-",), None, ()
+
+    def __init__(self, error):
+        self.error = f"{type(error).__name__}: {error}"[:200]
+
+    def should_close(self):
+        return True
+
+
+def log_unparsed_requests(worker):
+    """Gunicorn answers a request it cannot parse (a bad request line, headers too large, ...)
+    with a 4xx of its own, but one it could not turn into a request object only reaches its
+    error log. Give it a stand-in, so that the access log has one line per answer, as always."""
+    handle_error = worker.handle_error
+
+    def handle_error_logged(req, client, addr, exc):
+        if req is None:  # some errors carry the request, or only its first line, as .req
+            req = getattr(exc, "req", None)
+            if not hasattr(req, "method"):
+                req = UnparsedRequest(exc)
+        return handle_error(req, client, addr, exc)
+
+    worker.handle_error = handle_error_logged
 
 
 def leave_interrupt_to_master(worker):

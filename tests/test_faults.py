@@ -9,6 +9,7 @@ runs, so PostgreSQL backends (whose /proc environ and cmdline PostgreSQL overwri
 too. After the signal, every recorded process must be gone and the private TMPDIR empty.
 """
 
+import concurrent.futures
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -367,6 +369,109 @@ def test_hanging_slow_service_is_a_504_after_the_http_timeout(mode, start_slow_s
         code, figures = run_load(lab_.url + "/only-http-call/", "-n", "10", "-c", "10")
         assert code == 0 and figures["status_codes"] == {"504": 10}, figures
         assert figures["total_s"] < 1.5, figures["total_s"]  # ten 504s side by side
+
+
+def raw(*lines, body=b""):
+    """A request as bytes: its lines (request line, then headers), a blank line, the body."""
+    return b"".join(line + b"\r\n" for line in lines) + b"\r\n" + body
+
+
+HOST = b"Host: localhost"
+# Requests Gunicorn refuses itself, and what it answers. "unparsed": no request object could
+# be made of it (lab.py logs those with "request": "-" and the error).
+MALFORMED = [
+    # (name, bytes, status, unparsed)
+    ("two Host headers", raw(b"GET /healthcheck/liveness HTTP/1.1", HOST, b"Host: evil"),
+     400, False),
+    ("negative Content-Length", raw(b"POST /only-database-call/ HTTP/1.1", HOST,
+                                    b"Content-Length: -1"), 400, False),
+    ("Content-Length and Transfer-Encoding",
+     raw(b"POST /only-database-call/ HTTP/1.1", HOST, b"Content-Length: 5",
+         b"Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400, False),
+    ("two Content-Lengths", raw(b"POST / HTTP/1.1", HOST, b"Content-Length: 1",
+                                b"Content-Length: 2", body=b"xx"), 400, False),
+    ("Content-Length not a number", raw(b"POST / HTTP/1.1", HOST, b"Content-Length: abc"),
+     400, False),
+    ("unknown Transfer-Encoding", raw(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: gzip"),
+     400, False),
+    ("no request line", raw(b"GARBAGE"), 400, True),
+    ("bad method", raw(b"G@T / HTTP/1.1", HOST), 400, True),
+    ("unknown HTTP version", raw(b"GET / HTTP/9.9", HOST), 400, True),
+    ("no HTTP version", raw(b"GET /"), 400, True),
+    ("NUL in the path", raw(b"GET /\x00 HTTP/1.1", HOST), 400, True),
+    ("raw UTF-8 in the path", raw("GET /é HTTP/1.1".encode(), HOST), 400, True),
+    ("bare LF", raw(b"GET / HTTP/1.1", HOST).replace(b"\r\n", b"\n"), 400, True),
+    ("HTTP/2 preface", raw(b"PRI * HTTP/2.0", body=b"SM\r\n\r\n"), 400, True),
+    ("PROXY line unasked", raw(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2", b"GET / HTTP/1.1"), 400, True),
+    ("space in a header name", raw(b"GET / HTTP/1.1", HOST, b"Bad Name: x"), 400, True),
+    ("space before the colon", raw(b"GET / HTTP/1.1", b"Host : localhost"), 400, True),
+    ("folded header", raw(b"GET / HTTP/1.1", HOST, b"X: a", b" b"), 400, True),
+    ("contradictory scheme headers", raw(b"GET / HTTP/1.1", HOST, b"X-Forwarded-Proto: https",
+                                         b"X-Forwarded-Ssl: off"), 400, True),
+    ("a 20 KB header", raw(b"GET / HTTP/1.1", HOST, b"X-Big: " + b"a" * 20000), 431, True),
+    ("200 headers", raw(b"GET / HTTP/1.1", HOST, *(b"X-%d: a" % i for i in range(200))),
+     431, True),
+    ("a 10 KB request line", raw(b"GET /" + b"a" * 10000 + b" HTTP/1.1", HOST), 414, True),
+    ("odd Expect", raw(b"POST / HTTP/1.1", HOST, b"Expect: 100-banana", b"Content-Length: 1",
+                       body=b"x"), 417, True),
+    # Parsed by Gunicorn, refused by Django (ALLOWED_HOSTS): the app's 400.
+    ("Host not a host name", raw(b"GET /healthcheck/liveness HTTP/1.1", b"Host: [::1"),
+     400, False),
+]
+
+
+def send_raw(url, data):
+    """One request as raw bytes on a new connection: the status line's code, or None."""
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(data)
+        answer = b""
+        while b"\r\n" not in answer:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    return int(match.group(1)) if match else None
+
+
+def worker_pids(lab_):
+    return sorted(p.pid for p in psutil.Process(lab_.popen.pid).children())
+
+
+@pytest.mark.parametrize("mode", ["nothing", "almost_all", "all"])
+def test_malformed_requests_cost_no_worker_and_are_logged(mode, start_slow_server, start_lab):
+    """A few hundred malformed requests, some at once: Gunicorn answers each itself, the same
+    workers serve on, every answer has its JSON access line, and no traceback is logged."""
+    lab_ = start_lab(mode, start_slow_server(delay=0.05).url, delay=0.05,
+                     extra=("--workers", "2"))
+    before = worker_pids(lab_)
+    assert len(before) == 2
+    rounds = 12
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda case: (case[0], case[2], send_raw(lab_.url, case[1])),
+                                MALFORMED * rounds))
+    wrong = {(name, want, got) for name, want, got in answers if got != want}
+    assert not wrong, wrong
+    assert worker_pids(lab_) == before
+    db_route = lab_.url + "/only-database-call/"
+    assert [get(db_route)[0] for _ in range(4)] == [200] * 4
+    assert get(lab_.url + "/healthcheck/liveness") == (200, {"status": "alive"})
+    assert worker_pids(lab_) == before
+
+    time.sleep(0.3)  # the last access lines
+    log = lab_.output
+    assert "Traceback" not in log, log[-3000:]
+    assert "exited with code" not in log and "Booting worker" in log
+    access = [json.loads(line) for line in log.splitlines() if line.startswith('{"request"')]
+    statuses = [entry["status"] for entry in access]
+    for status in {want for _, _, want, _ in MALFORMED}:
+        sent = sum(want == status for _, _, want, _ in MALFORMED) * rounds
+        assert statuses.count(status) >= sent, (status, statuses.count(status), sent)
+    unparsed = [entry for entry in access if entry["request"] == "-"]
+    assert len(unparsed) == sum(case[3] for case in MALFORMED) * rounds
+    assert all(entry["error"] and entry["status"] >= 400 for entry in unparsed), unparsed[:3]
+    assert 500 not in statuses
 
 
 @pytest.fixture(scope="module")
