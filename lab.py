@@ -617,20 +617,62 @@ def database_settings(url):
 
 
 def check_database_reachable(url):
-    """Connect once in a child process: the master must not import psycopg2 (see docstring).
+    """Connect once in a child process (the master must not import psycopg2: see docstring) and
+    read how many connections the server allows: {setting: value}.
 
     The URL goes to the child in its environment, never on its command line (ps shows those).
     """
-    probe = ("import os, psycopg2\n"
+    probe = ("import json, os, psycopg2\n"
              "try:\n"
-             "    psycopg2.connect(os.environ['DATABASE_URL'], connect_timeout=5).close()\n"
+             "    conn = psycopg2.connect(os.environ['DATABASE_URL'], connect_timeout=5)\n"
              "except psycopg2.Error as exc:\n"
-             "    print(str(exc).strip().splitlines()[0]); raise SystemExit(1)\n")
-    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "DATABASE_URL": url},
-                            check=False, capture_output=True, text=True, timeout=30)
+             "    print((str(exc).strip().splitlines() or ['no message'])[0]); raise SystemExit(1)\n"
+             "limits = {}\n"
+             "with conn.cursor() as cursor:\n"
+             f"    for name in {CONNECTION_SETTINGS!r}:\n"
+             "        try:\n"
+             "            cursor.execute('SHOW ' + name)\n"
+             "            limits[name] = int(cursor.fetchone()[0])\n"
+             "        except psycopg2.Error:  # reserved_connections is PostgreSQL 16's\n"
+             "            conn.rollback()\n"
+             "conn.close()\n"
+             "print(json.dumps(limits))\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", probe],
+                                env={**os.environ, "DATABASE_URL": url}, check=False,
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise LabError("cannot reach PostgreSQL: no answer within 30 s") from None
+    lines = (result.stdout or result.stderr).strip().splitlines()
     if result.returncode != 0:
-        reason = (result.stdout or result.stderr).strip().splitlines()
-        raise LabError(f"cannot reach PostgreSQL: {reason[-1] if reason else 'unknown error'}")
+        raise LabError(f"cannot reach PostgreSQL: {lines[-1] if lines else 'unknown error'}")
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {}
+
+
+# What PostgreSQL allows: max_connections, less the slots only superusers (and, from version
+# 16, roles granted pg_use_reserved_connections) may take.
+CONNECTION_SETTINGS = ("max_connections", "superuser_reserved_connections",
+                       "reserved_connections")
+
+
+def fit_db_pool(db_pool, workers, limits):
+    """The idle connections each worker may keep, so that all of them together fit in what the
+    server allows; a smaller pool than asked is said in one line."""
+    if "max_connections" not in limits or db_pool == 0:
+        return db_pool
+    reserved = (limits.get("superuser_reserved_connections", 0)
+                + limits.get("reserved_connections", 0))
+    allowed = max(limits["max_connections"] - reserved, 0)
+    if db_pool * workers <= allowed:
+        return db_pool
+    fitted = allowed // workers
+    say(f"--db-pool {db_pool} x {workers} workers exceeds the {allowed} connections PostgreSQL "
+        f"allows (max_connections {limits['max_connections']}, {reserved} reserved); keeping "
+        f"{fitted} idle connection{'s' * (fitted != 1)} per worker")
+    return fitted
 
 
 # What each setup needs installed: module -> the pip requirement that brings it (the pins of
@@ -981,8 +1023,13 @@ def warm_up(application):
     try:
         if hasattr(connection, "open_idle_connections"):
             connection.open_idle_connections()
-    except (utils.Error, psycopg2.Error):  # a bare driver error: Django wraps only its own calls
-        pass
+        else:
+            connection.ensure_connection()
+    except (utils.Error, psycopg2.Error) as exc:  # a bare driver error: Django wraps only its own
+        reason = (str(exc).strip().splitlines() or ["no message"])[0]
+        log_line(f"database unavailable as this worker boots ({reason}): its database routes "
+                 "answer 503 until it is back")
+        return  # no request to ourselves: it would only log a 503
     finally:
         connection.close()
     environ = {
@@ -1303,10 +1350,10 @@ def serve(args, database):
     options = app_options(args, args.database_url or "postgresql://", host)
     check_events_file(args.events)
     check_port_free(host, port)
-    if args.database_url:
-        check_database_reachable(args.database_url)
-    else:
+    if not args.database_url:
         options["database"] = database_settings(database.start())
+    limits = check_database_reachable(args.database_url or database.url)
+    options["db_pool"] = fit_db_pool(args.db_pool, args.workers, limits)
     if not is_loopback(host):
         say(f"warning: binding to {host}: the lab is reachable from other machines")
     where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"

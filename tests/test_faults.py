@@ -539,6 +539,76 @@ def test_database_restart_is_a_503_then_recovers_at_once(mode, extra, restartabl
         assert code == 0 and figures["status_codes"] == {"200": 10}, figures
 
 
+def wait_for_new_workers(lab_, old, count, timeout=60):
+    def replaced():
+        pids = worker_pids(lab_)
+        return len(pids) == count and not set(pids) & set(old)
+    wait_until(replaced, timeout, f"{count} new workers")
+    return worker_pids(lab_)
+
+
+@pytest.mark.parametrize("mode", ["nothing", "all"])
+def test_worker_restarted_while_the_database_is_down_boots_and_recovers(
+        mode, restartable, start_slow_server, start_lab):
+    """Workers (re)started with PostgreSQL down boot anyway, answer 503 on the database routes
+    and 200 elsewhere, and serve queries again once it is back."""
+    db = restartable
+    lab_ = start_lab(mode, start_slow_server(delay=0.05).url, delay=0.05, database=db.url,
+                     extra=("--workers", "2"))
+    db_route = lab_.url + "/only-database-call/"
+    assert get(db_route)[0] == 200
+    db.halt()
+    old = worker_pids(lab_)
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    new = wait_for_new_workers(lab_, old, 2)
+    wait_until(lambda: lab_.output.count("database unavailable as this worker boots") == 2, 30,
+               "both workers to boot")
+    for _ in range(4):
+        status, body = get(db_route)
+        assert status == 503 and body["error"].startswith("database unavailable"), body
+    assert get(lab_.url + "/healthcheck/liveness") == (200, {"status": "alive"})
+    assert get(lab_.url + "/only-http-call/")[0] == 200
+    db.launch()
+    assert [get(db_route)[0] for _ in range(6)] == [200] * 6
+    assert worker_pids(lab_) == new  # the same workers: nothing died of the outage
+    assert "Traceback" not in lab_.output
+
+
+def test_pools_fit_in_the_connections_postgresql_allows():
+    limits = {"max_connections": 200, "superuser_reserved_connections": 3}
+    assert lab.fit_db_pool(10, 19, limits) == 10  # 190 fit in 197
+    assert lab.fit_db_pool(10, 25, limits) == 7  # 250 do not: 7 x 25 = 175
+    assert lab.fit_db_pool(10, 25, {**limits, "reserved_connections": 30}) == 6  # 167 / 25
+    assert lab.fit_db_pool(10, 300, limits) == 0  # more workers than connections: none kept
+    assert lab.fit_db_pool(0, 300, limits) == 0
+    assert lab.fit_db_pool(10, 25, {}) == 10  # unknown limits: as asked
+
+
+def test_25_workers_boot_against_the_embedded_server(sandbox):
+    """25 workers x --db-pool 10 is 250 idle connections; the embedded server allows 200, less
+    3 for superusers. Each worker keeps 7, says one line, and every request is served."""
+    port = free_port()
+    proc = sandbox.popen([PY, "lab.py", "--workers", "25", "--bind", f"127.0.0.1:{port}",
+                          "--slow-url", f"http://127.0.0.1:{free_port()}", "--delay", "0"],
+                         new_session=True)
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(proc, timeout=120)
+        wait_until(lambda: "".join(proc.err).count("Booting worker") == 25, 60, "25 workers")
+        time.sleep(2)  # the last workers open their pools
+        statuses = [get(proc.url + "/only-database-call/")[0] for _ in range(60)]
+        assert statuses == [200] * 60, statuses
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    err = "".join(proc.err)
+    assert ("lab.py: --db-pool 10 x 25 workers exceeds the 197 connections PostgreSQL allows "
+            "(max_connections 200, 3 reserved); keeping 7 idle connections per worker") in err
+    assert "too many clients" not in err and "Traceback" not in err, err[-3000:]
+    assert "database unavailable" not in err
+
+
 # --- 3. nothing left behind ------------------------------------------------------------------
 
 def send(proc, sig, group):
