@@ -522,6 +522,7 @@ def parse_args(argv):
         parser.error("--http-pool must be from 0 to 1000")
     if not 0 < args.http_timeout <= 300:
         parser.error("--http-timeout must be above 0 and at most 300 seconds")
+    args.url_on_command_line = bool(args.database_url)
     args.database_url = args.database_url or os.environ.get("DATABASE_URL")
     return args
 
@@ -614,6 +615,12 @@ def database_settings(url):
         "OPTIONS": options,
         "CONN_MAX_AGE": 0,  # under gevent each request is a new greenlet: nothing to reuse
     }
+
+
+def has_password(url):
+    """A password in the URL's user part or in its query (?password=...)."""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.password) or "password" in urllib.parse.parse_qs(parts.query)
 
 
 def check_database_reachable(url):
@@ -1356,6 +1363,9 @@ def serve(args, database):
     options["db_pool"] = fit_db_pool(args.db_pool, args.workers, limits)
     if not is_loopback(host):
         say(f"warning: binding to {host}: the lab is reachable from other machines")
+    if args.url_on_command_line and has_password(args.database_url):
+        say("warning: --database-url puts the password on the command line, where ps shows it "
+            "to every user; pass it as DATABASE_URL in the environment instead")
     where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"
     say(f"--setup {args.setup}: {SETUPS[args.setup].story}; database: {where}; "
         f"slow service: {options['slow_url']}")

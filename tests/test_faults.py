@@ -850,3 +850,85 @@ def test_no_hard_coded_secret_key():
     source = (ROOT / "lab.py").read_text()
     assert not re.search(r"""SECRET_KEY["']?\s*[=:]\s*[rbuf]*["']""", source)
     assert not re.search(r"""get\(\s*["']SECRET_KEY["']\s*,\s*["']""", source)  # no fallback
+
+
+SECRET = "s3cret-pass"
+PS_WARNING = ("lab.py: warning: --database-url puts the password on the command line, where ps "
+              "shows it to every user; pass it as DATABASE_URL in the environment instead")
+
+
+def url_with_password(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        pytest.skip("DATABASE_URL already has a password")
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user or 'postgres'}:{SECRET}@{host}").geturl()
+
+
+def command_lines_with(text):
+    """Every process's command line that contains `text`, read from /proc now."""
+    found = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        if text.encode() in data:
+            found.append(data.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def test_no_password_on_any_command_line_during_a_run(sandbox, database_url):
+    """run_all.sh hands DATABASE_URL to the labs, and lab.py to its probe, in the environment.
+    The embedded server trusts every local connection: the password is accepted and unused."""
+    sandbox.env["DATABASE_URL"] = url_with_password(database_url)
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen.extend(command_lines_with(SECRET))
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc = sandbox.popen(["./run_all.sh", "--delay", "0.05"])
+    try:
+        proc.wait(300)
+    finally:
+        done.set()
+        watcher.join(10)
+    time.sleep(0.2)
+    out, err = "".join(proc.out), "".join(proc.err)
+    assert proc.returncode == 0, err[-3000:]
+    assert "=== Results" in out
+    assert not seen, sorted(set(seen))
+    assert SECRET not in out + err
+
+
+def test_database_url_flag_works_and_warns_about_ps(sandbox, database_url):
+    url = url_with_password(database_url)
+    port = free_port()
+    args = [PY, "lab.py", "--bind", f"127.0.0.1:{port}", "--delay", "0",
+            "--slow-url", f"http://127.0.0.1:{free_port()}"]
+    proc = sandbox.popen([*args, "--database-url", url])
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(proc)
+        assert any(SECRET in line for line in command_lines_with(SECRET))  # what ps shows
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    warnings = [line for line in "".join(proc.err).splitlines() if "warning" in line]
+    assert warnings == [PS_WARNING], warnings
+    assert SECRET not in "".join(proc.err + proc.out)
+
+    sandbox.env["DATABASE_URL"] = url  # the same URL from the environment: no warning
+    proc = sandbox.popen(args)
+    proc.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_serving(proc)
+        assert not command_lines_with(SECRET)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert "warning" not in "".join(proc.err), "".join(proc.err)
