@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -504,6 +505,9 @@ def parse_args(argv):
                         help="also append each blocked stretch to FILE as one JSON object a line")
     parser.add_argument("--database-only", action="store_true",
                         help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
+    parser.add_argument("--check", action="store_true",
+                        help="check the flags and the database URL (connecting to it), start "
+                             "nothing, and exit: 0 if the lab would start")
     parser.add_argument("--list", action="store_true",
                         help="print the scenarios run_all.sh runs (SETUP ROUTE PATH MODEL) and exit")
     parser.add_argument("--all", action="store_true", help="with --list: every setup x route")
@@ -528,25 +532,26 @@ def parse_args(argv):
 
 
 def parse_host_port(text, flag="--bind"):
-    """'HOST:PORT' or '[IPV6]:PORT' -> (host, port). The same grammar in every tool of the lab."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        valid_host = _is_ipv6(host)
-    else:
-        valid_host = bool(host) and ":" not in host and "[" not in host and "]" not in host
-    if not (sep and valid_host and port.isascii() and port.isdigit()
-            and 0 < int(port) < 65536):
-        raise ValueError(f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or "
-                         f"[::1]:8000), not {text!r}")
-    return host, int(port)
+    """Split HOST:PORT into (host, port), or raise ValueError saying what is expected.
 
-
-def _is_ipv6(text):
+    Nothing is guessed: an empty host, a missing port, or a bare IPv6 address (whose
+    last colon could belong to the address or start the port) is refused, not filled in.
+    Ports are 1-65535 in ASCII digits (int() alone would take "\uff18\uff10" for 80).
+    A copy of slow_server.py's: each tool runs on its own.
+    """
+    # A name or IPv4 address, or an IPv6 address in brackets; a colon; 1 to 5 ASCII digits.
+    match = re.fullmatch(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})",
+                         text)
     try:
-        return ipaddress.ip_address(text).version == 6
+        if not match or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError
+        if match["ipv6"]:
+            ipaddress.IPv6Address(match["ipv6"])  # "[zz]:80" has brackets but no address
     except ValueError:
-        return False
+        raise ValueError(
+            f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or [::1]:8000), not {text!r}"
+        ) from None
+    return match["ipv6"] or match["name"], int(match["port"])
 
 
 def check_port_free(host, port):
@@ -576,32 +581,37 @@ def is_loopback(host):
 
 
 def check_slow_url(url):
+    """http(s)://HOST[:PORT][/path], HOST and PORT as --bind takes them; the port defaults to
+    the scheme's."""
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        if parts.scheme not in ("http", "https"):
+            raise ValueError
+        address = parts.netloc
+        if ":" not in address.rpartition("]")[2]:  # no port: the scheme's
+            address += ":443" if parts.scheme == "https" else ":80"
+        parse_host_port(address)
     except ValueError:
-        parts, port = None, None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-            or port == 0):
         raise LabError(f"--slow-url must be an http:// URL with a port from 1 to 65535, "
-                       f"not {url!r}")
+                       f"not {url!r}") from None
     return url.rstrip("/")
 
 
 def database_settings(url):
     """A postgresql:// URL -> Django's DATABASES['default'] (no extra dependency for this)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("postgres", "postgresql"):
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgres", "postgresql"):
         raise LabError("the database URL must look like "
                        "postgresql://user:password@host:5432/dbname")
     try:
+        parts = urllib.parse.urlsplit(url)
         port = parts.port
         hostname = parts.hostname
-    except ValueError:
-        address = parts.netloc.rpartition("@")[2]  # never echo the password
+        if port == 0:
+            raise ValueError
+    except ValueError:  # "[::1" or "[zz]" as host, a port out of range or not in ASCII digits
+        # What follows the last "@" (the password comes before it, even one left unquoted).
+        address = re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
         raise LabError(f"the database URL has a bad host or port: {address!r}") from None
     options = dict(urllib.parse.parse_qsl(parts.query))
     host = options.pop("host", None) or hostname or ""  # ?host=/dir names a Unix socket
@@ -1271,7 +1281,6 @@ def called_function(frame):
     """Name the call on the frame's current line by its package: 'psycopg2 execute'."""
     import inspect
     import linecache
-    import re
 
     line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
     match = re.search(r"([A-Za-z_][\w.]*)\(", line)
@@ -1348,7 +1357,8 @@ def hold_database(database):
         return 0
 
 
-def serve(args, database):
+def checked_options(args):
+    """Every check of the flags that needs nothing started: (host, port, app options)."""
     try:
         host, port = parse_host_port(args.bind)
     except ValueError as exc:
@@ -1356,6 +1366,19 @@ def serve(args, database):
     check_installed(args.setup, embedded=not args.database_url)
     options = app_options(args, args.database_url or "postgresql://", host)
     check_events_file(args.events)
+    return host, port, options
+
+
+def check_only(args):
+    """--check: what serve() checks before it starts anything (run_all.sh asks this first)."""
+    checked_options(args)
+    if args.database_url:
+        check_database_reachable(args.database_url)
+    return 0
+
+
+def serve(args, database):
+    host, port, options = checked_options(args)
     check_port_free(host, port)
     if not args.database_url:
         options["database"] = database_settings(database.start())
@@ -1385,6 +1408,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.list:
             return print_list(args.all, args.json)
+        if args.check:
+            return check_only(args)
         if args.database_only:
             check_installed(args.setup, embedded=True, database_only=True)
             database.start()
