@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -521,11 +522,12 @@ def gunicorn_settings(args):
         logger_class=json_access_logger(),
         proc_name=f"async-workers-lab ({args.setup})",
         control_socket_disable=True,  # Gunicorn 27 would otherwise leave a socket under $HOME
-        graceful_timeout=5,
+        # Seconds a stop waits for requests in flight before it kills the workers: a run_all.sh
+        # killed with SIGKILL leaves its labs a SIGTERM, and they must be gone within 5 s.
+        graceful_timeout=3,
+        post_fork=worker_post_fork(setup.post_fork),
         post_worker_init=worker_ready,
     )
-    if setup.post_fork:
-        settings["post_fork"] = setup.post_fork
     if setup.on_starting:
         settings["on_starting"] = setup.on_starting
     if setup.views == "async":
@@ -570,6 +572,19 @@ def json_access_logger():
     from gunicorn.glogging import Logger
 
     class JsonAccessLogger(Logger):
+        def exception(self, msg, *args, **kwargs):
+            """Gunicorn's own errors in one line, like Django's (OneLineFormatter). A sync
+            worker told to stop mid-request (Ctrl-C, a hang-up) ends in SystemExit: that is
+            a stop, not a fault."""
+            exc = sys.exc_info()[1]
+            if isinstance(exc, SystemExit):
+                text = (msg % args if args else msg).replace("Error handling request", "request")
+                self.info("%s cut short: the worker is stopping", text)
+                return
+            detail = f" ({type(exc).__name__}: {exc})" if exc is not None else ""
+            self.error("%s%s", (msg % args if args else msg).replace("\n", " "),
+                       str(detail).replace("\n", " "))
+
         def access(self, resp, req, environ, request_time):
             if not self.access_log_enabled:
                 return
@@ -578,29 +593,90 @@ def json_access_logger():
             # with a bare Response that has a status string and no sent count.
             status = int(atoms["s"]) if str(atoms["s"]).isdigit() else atoms["s"]
             sent = getattr(resp, "sent", None) or getattr(resp, "response_length", 0)
+            unparsed = isinstance(req, UnparsedRequest)  # see log_unparsed_requests()
             self.access_log.info(json.dumps({
-                "request": atoms["r"], "status": status, "length": sent,
+                "request": "-" if unparsed else atoms["r"], "status": status, "length": sent,
                 "referer": atoms["f"], "user_agent": atoms["a"],
                 "time_s": float(atoms["L"]), "date": atoms["t"],  # L: seconds, any worker
+                **({"error": req.error} if unparsed else {}),
             }))
 
     return JsonAccessLogger
+
+
+# A terminal sends these to its whole foreground process group: Ctrl-C, and SIGHUP when it is
+# closed (tmux kill-session, a closed window). The master stops the workers for both.
+TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
+
+
+def worker_post_fork(setup_hook):
+    """Gunicorn's post_fork, in the new worker before it boots: the terminal's signals are held
+    back until leave_interrupt_to_master() ignores them, and the worker dies with its master
+    from here on, also while it boots. Then the setup's hook.
+
+    SIGKILL, not SIGTERM: a master killed with SIGKILL was meant to be gone, and a worker inside
+    a query (sync, or gevent with psycopg2 blocking) would only see a SIGTERM once it returns,
+    up to 60 s later."""
+
+    def post_fork(server, worker):
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+        die_with_parent(signal.SIGKILL, worker.ppid)
+        log_unparsed_requests(worker)
+        if setup_hook:
+            setup_hook(server, worker)
+
+    return post_fork
+
+
+class UnparsedRequest:
+    """What the access log is given for a request Gunicorn could not parse."""
+
+    method, uri, query, version, body, headers = "-", "-", "", ("-",), None, ()
+
+    def __init__(self, error):
+        self.error = f"{type(error).__name__}: {error}"[:200]
+
+    def should_close(self):
+        return True
+
+
+def log_unparsed_requests(worker):
+    """Gunicorn answers a request it cannot parse (a bad request line, headers too large, ...)
+    with a 4xx of its own, but one it could not turn into a request object only reaches its
+    error log. Give it a stand-in, so that the access log has one line per answer, as always."""
+    handle_error = worker.handle_error
+
+    def handle_error_logged(req, client, addr, exc):
+        if req is None:  # some errors carry the request, or only its first line, as .req
+            req = getattr(exc, "req", None)
+            if not hasattr(req, "method"):
+                req = UnparsedRequest(exc)
+        return handle_error(req, client, addr, exc)
+
+    worker.handle_error = handle_error_logged
+
+
+def leave_interrupt_to_master(worker):
+    """Ctrl-C and a hang-up reach the whole process group; the master then sends each worker
+    SIGQUIT.
+
+    A worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
+    a traceback, and one that keeps SIGHUP's default dies at once, mid-request ("Worker was
+    sent SIGHUP!"). So workers ignore both and wait for their master's word.
+    """
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINAL_SIGNALS)
 
 
 BOOTED = None  # workers booted so far: a counter shared with the workers, made by serve()
 
 
 def worker_ready(worker):
-    """post_worker_init: the worker is warm; it counts itself for /healthcheck/readiness.
-
-    Ctrl-C reaches the whole process group; the master then sends each worker SIGQUIT. A
-    worker that also acts on the terminal's SIGINT runs its quit handler twice and dies with
-    a traceback, so workers ignore SIGINT and wait for their master's word. A worker also dies
-    with its master, even one killed with SIGKILL.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(signal.SIGTERM, worker.ppid)
-    with BOOTED.get_lock():  # for /healthcheck/readiness: this worker is warm and serving
+    """post_worker_init: the worker leaves the terminal's signals to its master, and counts
+    itself warm and serving for /healthcheck/readiness."""
+    leave_interrupt_to_master(worker)
+    with BOOTED.get_lock():
         BOOTED.value += 1
 
 
@@ -722,6 +798,9 @@ def parse_args(argv):
     add_scale_flags(parser)
     parser.add_argument("--database-only", action="store_true",
                         help="start only the embedded PostgreSQL, print its URL, wait for Ctrl-C")
+    parser.add_argument("--check", action="store_true",
+                        help="check the flags and the database URL (connecting to it), start "
+                             "nothing, and exit: 0 if the lab would start")
     parser.add_argument("--list", action="store_true",
                         help="print the scenarios run_all.sh runs (SETUP ROUTE PATH MODEL) and exit")
     parser.add_argument("--all", action="store_true", help="with --list: every setup x route")
@@ -744,31 +823,33 @@ def parse_args(argv):
         parser.error("--http-pool must be from 0 to 1000")
     if not 0 < args.http_timeout <= 300:
         parser.error("--http-timeout must be above 0 and at most 300 seconds")
+    args.url_on_command_line = bool(args.database_url)
     args.database_url = args.database_url or os.environ.get("DATABASE_URL")
     check_scale_flags(parser, args)
     return args
 
 
 def parse_host_port(text, flag="--bind"):
-    """'HOST:PORT' or '[IPV6]:PORT' -> (host, port). The same grammar in every tool of the lab."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        valid_host = _is_ipv6(host)
-    else:
-        valid_host = bool(host) and ":" not in host and "[" not in host and "]" not in host
-    if not (sep and valid_host and port.isascii() and port.isdigit()
-            and 0 < int(port) < 65536):
-        raise ValueError(f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or "
-                         f"[::1]:8000), not {text!r}")
-    return host, int(port)
+    """Split HOST:PORT into (host, port), or raise ValueError saying what is expected.
 
-
-def _is_ipv6(text):
+    Nothing is guessed: an empty host, a missing port, or a bare IPv6 address (whose
+    last colon could belong to the address or start the port) is refused, not filled in.
+    Ports are 1-65535 in ASCII digits (int() alone would take "\uff18\uff10" for 80).
+    A copy of slow_server.py's: each tool runs on its own.
+    """
+    # A name or IPv4 address, or an IPv6 address in brackets; a colon; 1 to 5 ASCII digits.
+    match = re.fullmatch(r"(?:\[(?P<ipv6>[^\]]+)\]|(?P<name>[A-Za-z0-9._-]+)):(?P<port>[0-9]{1,5})",
+                         text)
     try:
-        return ipaddress.ip_address(text).version == 6
+        if not match or not 1 <= int(match["port"]) <= 65535:
+            raise ValueError
+        if match["ipv6"]:
+            ipaddress.IPv6Address(match["ipv6"])  # "[zz]:80" has brackets but no address
     except ValueError:
-        return False
+        raise ValueError(
+            f"{flag} must be HOST:PORT (for example 127.0.0.1:8000 or [::1]:8000), not {text!r}"
+        ) from None
+    return match["ipv6"] or match["name"], int(match["port"])
 
 
 def check_port_free(host, port):
@@ -798,32 +879,37 @@ def is_loopback(host):
 
 
 def check_slow_url(url):
+    """http(s)://HOST[:PORT][/path], HOST and PORT as --bind takes them; the port defaults to
+    the scheme's."""
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port
+        if parts.scheme not in ("http", "https"):
+            raise ValueError
+        address = parts.netloc
+        if ":" not in address.rpartition("]")[2]:  # no port: the scheme's
+            address += ":443" if parts.scheme == "https" else ":80"
+        parse_host_port(address)
     except ValueError:
-        parts, port = None, None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
-            or port == 0):
         raise LabError(f"--slow-url must be an http:// URL with a port from 1 to 65535, "
-                       f"not {url!r}")
+                       f"not {url!r}") from None
     return url.rstrip("/")
 
 
 def database_settings(url):
     """A postgresql:// URL -> Django's DATABASES['default'] (no extra dependency for this)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("postgres", "postgresql"):
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgres", "postgresql"):
         raise LabError("the database URL must look like "
                        "postgresql://user:password@host:5432/dbname")
     try:
+        parts = urllib.parse.urlsplit(url)
         port = parts.port
         hostname = parts.hostname
-    except ValueError:
-        address = parts.netloc.rpartition("@")[2]  # never echo the password
+        if port == 0:
+            raise ValueError
+    except ValueError:  # "[::1" or "[zz]" as host, a port out of range or not in ASCII digits
+        # What follows the last "@" (the password comes before it, even one left unquoted).
+        address = re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
         raise LabError(f"the database URL has a bad host or port: {address!r}") from None
     options = dict(urllib.parse.parse_qsl(parts.query))
     host = options.pop("host", None) or hostname or ""  # ?host=/dir names a Unix socket
@@ -839,21 +925,69 @@ def database_settings(url):
     }
 
 
+def has_password(url):
+    """A password in the URL's user part or in its query (?password=...)."""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.password) or "password" in urllib.parse.parse_qs(parts.query)
+
+
 def check_database_reachable(url):
-    """Connect once in a child process: the master must not import psycopg2 (see docstring).
+    """Connect once in a child process (the master must not import psycopg2: see docstring) and
+    read how many connections the server allows: {setting: value}.
 
     The URL goes to the child in its environment, never on its command line (ps shows those).
     """
-    probe = ("import os, psycopg2\n"
+    probe = ("import json, os, psycopg2\n"
              "try:\n"
-             "    psycopg2.connect(os.environ['DATABASE_URL'], connect_timeout=5).close()\n"
+             "    conn = psycopg2.connect(os.environ['DATABASE_URL'], connect_timeout=5)\n"
              "except psycopg2.Error as exc:\n"
-             "    print(str(exc).strip().splitlines()[0]); raise SystemExit(1)\n")
-    result = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "DATABASE_URL": url},
-                            check=False, capture_output=True, text=True, timeout=30)
+             "    print((str(exc).strip().splitlines() or ['no message'])[0]); raise SystemExit(1)\n"
+             "limits = {}\n"
+             "with conn.cursor() as cursor:\n"
+             f"    for name in {CONNECTION_SETTINGS!r}:\n"
+             "        try:\n"
+             "            cursor.execute('SHOW ' + name)\n"
+             "            limits[name] = int(cursor.fetchone()[0])\n"
+             "        except psycopg2.Error:  # reserved_connections is PostgreSQL 16's\n"
+             "            conn.rollback()\n"
+             "conn.close()\n"
+             "print(json.dumps(limits))\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", probe],
+                                env={**os.environ, "DATABASE_URL": url}, check=False,
+                                capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise LabError("cannot reach PostgreSQL: no answer within 30 s") from None
+    lines = (result.stdout or result.stderr).strip().splitlines()
     if result.returncode != 0:
-        reason = (result.stdout or result.stderr).strip().splitlines()
-        raise LabError(f"cannot reach PostgreSQL: {reason[-1] if reason else 'unknown error'}")
+        raise LabError(f"cannot reach PostgreSQL: {lines[-1] if lines else 'unknown error'}")
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {}
+
+
+# What PostgreSQL allows: max_connections, less the slots only superusers (and, from version
+# 16, roles granted pg_use_reserved_connections) may take.
+CONNECTION_SETTINGS = ("max_connections", "superuser_reserved_connections",
+                       "reserved_connections")
+
+
+def fit_db_pool(db_pool, workers, limits):
+    """The idle connections each worker may keep, so that all of them together fit in what the
+    server allows; a smaller pool than asked is said in one line."""
+    if "max_connections" not in limits or db_pool == 0:
+        return db_pool
+    reserved = (limits.get("superuser_reserved_connections", 0)
+                + limits.get("reserved_connections", 0))
+    allowed = max(limits["max_connections"] - reserved, 0)
+    if db_pool * workers <= allowed:
+        return db_pool
+    fitted = allowed // workers
+    say(f"--db-pool {db_pool} x {workers} workers exceeds the {allowed} connections PostgreSQL "
+        f"allows (max_connections {limits['max_connections']}, {reserved} reserved); keeping "
+        f"{fitted} idle connection{'s' * (fitted != 1)} per worker")
+    return fitted
 
 
 # What each setup needs installed: module -> the pip requirement that brings it (the pins of
@@ -1269,9 +1403,9 @@ def warm_up(application):
     """
     import io
 
-
     LAB["slow_service"].warm()
-    open_idle_database_connections()
+    if not open_idle_database_connections():
+        return  # no request to ourselves: it would only log a 503
     environ = {
         "REQUEST_METHOD": "GET", "PATH_INFO": ROUTES["db"].path,
         "QUERY_STRING": "seconds_to_sleep=0", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
@@ -1282,14 +1416,22 @@ def warm_up(application):
 
 
 def open_idle_database_connections():
+    """Open the worker's idle connections (or one); False, and one line, if the database is
+    down: the worker boots anyway, and its database routes answer 503 until it is back."""
     from django.db import connection, utils
     from django.db.backends.postgresql import base
 
     try:
         if hasattr(connection, "open_idle_connections"):
             connection.open_idle_connections()
-    except (utils.Error, base.Database.Error):  # a bare driver error: Django wraps only its own
-        pass
+        else:
+            connection.ensure_connection()
+        return True
+    except (utils.Error, base.Database.Error) as exc:  # a bare driver error: Django wraps only
+        reason = (str(exc).strip().splitlines() or ["no message"])[0]  # its own calls
+        log_line(f"database unavailable as this worker boots ({reason}): its database routes "
+                 "answer 503 until it is back")
+        return False
     finally:
         connection.close()
 
@@ -1696,7 +1838,6 @@ def called_function(frame):
     """Name the call on the frame's current line by its package: 'psycopg2 execute'."""
     import inspect
     import linecache
-    import re
 
     line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
     match = re.search(r"([A-Za-z_][\w.]*)\(", line)
@@ -1961,15 +2102,27 @@ def check_events_file(path, flag="--events"):
         raise LabError(f"{flag}: cannot write {path}: {exc.strerror}") from None
 
 
+CLEANING_UP = False  # set first thing in main()'s clean-up: later stop signals change nothing
+
+
 def raise_system_exit(signum, frame):
-    raise SystemExit(128 + signum)
+    if not CLEANING_UP:
+        raise SystemExit(128 + signum)
+
+
+def raise_interrupt(signum, frame):
+    if not CLEANING_UP:
+        raise KeyboardInterrupt
 
 
 def hold_database(database):
     """--database-only: print the URL, keep the server until a signal."""
-    print(f"DATABASE_URL={database.url}", flush=True)
+    try:
+        print(f"DATABASE_URL={database.url}", flush=True)
+    except OSError:  # the terminal is gone: its hang-up is on its way
+        pass
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)  # a normal stop, like Ctrl-C
+        signal.signal(sig, raise_interrupt)  # a normal stop, like Ctrl-C
     try:
         while database.process.poll() is None:
             time.sleep(0.5)
@@ -1978,7 +2131,8 @@ def hold_database(database):
         return 0
 
 
-def serve(args, database):
+def checked_options(args):
+    """Every check of the flags that needs nothing started: (host, port, app options)."""
     try:
         host, port = parse_host_port(args.bind)
     except ValueError as exc:
@@ -1988,13 +2142,29 @@ def serve(args, database):
     options = app_options(args, args.database_url or "postgresql://", host)
     check_events_file(args.events)
     check_events_file(args.connections, "--connections")
-    check_port_free(host, port)
+    return host, port, options
+
+
+def check_only(args):
+    """--check: what serve() checks before it starts anything (run_all.sh asks this first)."""
+    checked_options(args)
     if args.database_url:
         check_database_reachable(args.database_url)
-    else:
+    return 0
+
+
+def serve(args, database):
+    host, port, options = checked_options(args)
+    check_port_free(host, port)
+    if not args.database_url:
         options["database"] = database_settings(database.start())
+    limits = check_database_reachable(args.database_url or database.url)
+    options["db_pool"] = fit_db_pool(options["db_pool"], options["workers"], limits)
     if not is_loopback(host):
         say(f"warning: binding to {host}: the lab is reachable from other machines")
+    if args.url_on_command_line and has_password(args.database_url):
+        say("warning: --database-url puts the password on the command line, where ps shows it "
+            "to every user; pass it as DATABASE_URL in the environment instead")
     where = "your PostgreSQL" if args.database_url else "embedded PostgreSQL (removed on exit)"
     say(f"--setup {args.setup}: {SETUPS[args.setup].story}; database: {where}; "
         f"slow service: {options['slow_url']}")
@@ -2012,16 +2182,21 @@ def serve(args, database):
 
 
 def main(argv=None):
+    global CLEANING_UP
     database = EmbeddedPostgres()
     # SIGTERM and SIGHUP before Gunicorn takes over must still clean up: make them SystemExit.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_system_exit)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored one stays so
+        signal.signal(signal.SIGINT, raise_interrupt)
     try:
         args = parse_args(argv)
         if args.sample_connections:
             return sample_connections()
         if args.list:
             return print_list(args.all, args.json, args.scale)
+        if args.check:
+            return check_only(args)
         if args.max_connections is not None:
             database.max_connections = args.max_connections
         if args.database_only:
@@ -2039,7 +2214,29 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        # A second signal must not cut the clean-up short: a hang-up reaches the whole process
+        # group and run_all.sh's SIGTERM follows it, and Ctrl-C is often pressed twice. The
+        # flag comes first (a plain store: no signal handler runs before it), so a signal
+        # already caught is dropped by our handlers; then none are delivered at all.
+        CLEANING_UP = True
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         database.stop()
+        drop_unwritable_output()
+
+
+def drop_unwritable_output():
+    """After a hang-up, writes to the terminal fail (EIO) and what they held stays buffered:
+    Python would fail again flushing it at exit and exit with status 120. Send it nowhere."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                stream.flush()
+            except (OSError, ValueError):
+                pass
 
 
 if __name__ == "__main__":

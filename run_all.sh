@@ -1,4 +1,4 @@
-#!/usr/bin/env bash
+#!/bin/bash
 # Run every scenario of the lab and print each timing.
 #
 #   ./run_all.sh                 the article's six scenarios, then the fan-out route, at 1 s delays
@@ -10,6 +10,7 @@
 #   ./run_all.sh --test          the test suite
 #
 # On first use it creates .venv and installs the pinned requirements: python3 is all it needs.
+# (/bin/bash, not /usr/bin/env bash: with a broken PATH, env could not even find bash to say so.)
 # The scenarios are lab.py's (`python lab.py --list`). The run starts the slow service, one
 # throwaway PostgreSQL and one lab per setup, all at once, each lab on its own port. Then, per
 # scenario, it sends `load.py -n 10 -c 10 -t 60` to the route on that setup's lab (the others
@@ -38,7 +39,10 @@ on_exit() {
   [[ -z $work ]] || rm -rf "$work"
 }
 on_signal() {
-  trap - INT TERM HUP
+  # Ignored, not reset, while we clean up: a hang-up comes twice (tmux signals the process
+  # group, then the kernel signals us as the terminal closes) and Ctrl-C is often pressed
+  # twice; the default action would kill this script before it has stopped its children.
+  trap '' INT TERM HUP
   { echo; echo "run_all.sh: interrupted during $phase; stopping everything it started"; } \
     >&2 2>/dev/null || true  # after a hang-up there may be no terminal to write to
   on_exit
@@ -50,8 +54,9 @@ trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 trap 'on_signal 129' HUP
 
-usage() {
-  cat <<'EOF'
+usage() {  # bash alone (no cat): --help works whatever PATH is
+  local text
+  IFS= read -r -d '' text <<'EOF' || true
 usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--all] [--json]
                     [--report FILE] [--scale] [--workers N]
        ./run_all.sh --test [PYTEST ARGS]
@@ -69,6 +74,7 @@ usage: ./run_all.sh [--delay SECONDS] [-n REQUESTS] [-c CONCURRENCY] [--all] [--
                     table adds the most connections each lab held
   --test            run the test suite instead (extra arguments go to pytest)
 EOF
+  printf '%s' "$text"
 }
 
 invoked_from=$PWD  # --report paths are relative to where the user ran us, not to the lab
@@ -123,8 +129,14 @@ if ((!test)); then
   tmp=${TMPDIR:-/tmp}
   [[ -d $tmp && -w $tmp ]] || die "TMPDIR=$tmp is not a writable directory"
 fi
-command -v python3 >/dev/null || die "python3 is not on PATH"
-command -v rm >/dev/null || die "rm is not on PATH (PATH=$PATH)"
+# What this script runs from PATH, all named in one line if any is missing. (setpriv, for the
+# parent-death signals, is used when there; the rest runs from .venv.)
+missing=()
+for tool in python3 rm sleep; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if ((${#missing[@]})); then
+  names=${missing[*]}
+  die "not found on PATH: ${names// /, } (PATH=${PATH-})"
+fi
 
 # Children run in the background and we `wait` for them: a signal then interrupts the wait at
 # once, where a foreground child would make bash hold the trap until the child ends.
@@ -198,6 +210,23 @@ done
 work=$("$PY" -c 'import tempfile; print(tempfile.mkdtemp(prefix="awl-run-"))')
 echo $$ >"$work/owner"
 
+last_line() {  # FILE: its last non-empty line, bash alone
+  local line last=
+  while IFS= read -r line || [[ -n $line ]]; do [[ -z $line ]] || last=$line; done <"$1"
+  printf '%s' "$last"
+}
+
+# Your own DATABASE_URL is checked before anything starts: lab.py --check reads it as the labs
+# will, and connects once.
+if [[ -n ${DATABASE_URL:-} ]]; then
+  export DATABASE_URL
+  start "$PY" lab.py --check >/dev/null 2>"$work/check.log"
+  wait_for "${children[-1]}" || {
+    why=$(last_line "$work/check.log")
+    die "DATABASE_URL: ${why#lab.py: error: }"
+  }
+fi
+
 # Poll until every URL answers 200; stop at the first service that died, with its last words.
 read -r -d '' wait_until_healthy_py <<'EOF' || true
 import signal, sys, time, urllib.request
@@ -249,8 +278,8 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     [[ -s $work/database.out ]] && IFS='=' read -r _ DATABASE_URL <"$work/database.out"
     [[ -n $DATABASE_URL ]] && break
     kill -0 "$db_pid" 2>/dev/null || {
-      echo "run_all.sh: error: the embedded PostgreSQL did not start:" >&2
-      cat "$work/database.log" >&2
+      why=$(last_line "$work/database.log")
+      echo "run_all.sh: error: the embedded PostgreSQL did not start: ${why#lab.py: error: }" >&2
       exit 1
     }
     sleep 0.02

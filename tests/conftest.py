@@ -136,9 +136,9 @@ def start_lab(tmp_path, database_url):
     def start(mode, slow_url, delay=0.2, extra=(), database=None):
         port = free_port()
         lab = Process(["lab.py", "--setup", mode, "--bind", f"127.0.0.1:{port}",
-                       "--slow-url", slow_url, "--database-url", database or database_url,
-                       "--delay", str(delay), *extra],
-                      tmp_path / f"lab-{mode}-{port}.log")
+                       "--slow-url", slow_url, "--delay", str(delay), *extra],
+                      tmp_path / f"lab-{mode}-{port}.log",
+                      env={**os.environ, "DATABASE_URL": database or database_url})
         lab.url = f"http://127.0.0.1:{port}"
         started.append(lab)  # stopped at teardown, even if it never gets ready
         lab.wait_until_answering(lab.url + "/healthcheck/readiness")  # every worker booted

@@ -6,6 +6,7 @@ grammar shared by every --bind: lab.py has its own copy of parse_host_port(), so
 be run against the same list.
 """
 
+import os
 import socket
 import subprocess
 import sys
@@ -112,6 +113,108 @@ def test_parse_host_port_follows_the_same_grammar(value, accepted):
         with pytest.raises(ValueError) as error:
             slow_server.parse_host_port(value, flag="--slow")
         assert str(error.value) == BIND_MESSAGE.format(value).replace("--bind", "--slow")
+
+
+# --- lab.py ---------------------------------------------------------------------------
+
+
+def run_lab(*args, env=None, timeout=60):
+    """lab.py with no DATABASE_URL from the caller's environment, unless given in env."""
+    base = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run([sys.executable, "lab.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, encoding="utf-8", timeout=timeout, check=False,
+                          env={**base, **(env or {})})
+
+
+@pytest.mark.parametrize(("value", "accepted"), BIND_CASES)
+def test_lab_bind_grammar(value, accepted):
+    """lab.py's copy of parse_host_port(), through its command line (--check starts nothing)."""
+    value = value.format(port=free_port())
+    result = run_lab("--check", "--bind", value)
+    if accepted:
+        assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
+    else:
+        assert_one_error(result, "lab.py", BIND_MESSAGE.format(value))
+
+
+REFUSED = ('cannot reach PostgreSQL: connection to server at "127.0.0.1", port 1 failed: '
+           "Connection refused")
+
+
+def test_lab_good_bind_fails_later_for_another_reason():
+    """The whole start-up path, not only --check: a good --bind lets lab.py go on to the
+    database, whose error is then the one line."""
+    result = run_lab("--bind", f"127.0.0.1:{free_port()}",
+                     "--database-url", "postgresql://u@127.0.0.1:1/x")
+    assert_one_error(result, "lab.py", REFUSED)
+
+
+SLOW_URL_MESSAGE = "--slow-url must be an http:// URL with a port from 1 to 65535, not {!r}"
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:99999", "http://127.0.0.1:0", "http://127.0.0.1:-1", "http://[::1/",
+    "http://[::1]x:80", "http://[zz]:80", "http://::1:80", "http://127.0.0.1:\uff18\uff10",
+    "http://127.0.0.1:", "http://user@127.0.0.1:80", "http://ex ample.com", "http://",
+    "ftp://127.0.0.1:21", "127.0.0.1:8001",
+])
+def test_lab_bad_slow_url(url):
+    assert_one_error(run_lab("--check", "--slow-url", url), "lab.py", SLOW_URL_MESSAGE.format(url))
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "http://localhost", "https://[::1]",
+                                 "http://[::1]:8001/base/", "http://slow.example:80"])
+def test_lab_good_slow_url(url):
+    result = run_lab("--check", "--slow-url", url)
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("garbage", "the database URL must look like postgresql://user:password@host:5432/dbname"),
+    ("mysql://u:s3cret@h/db",
+     "the database URL must look like postgresql://user:password@host:5432/dbname"),
+    ("postgresql://u:s3cret@[::1/x", "the database URL has a bad host or port: '[::1'"),
+    ("postgresql://u:s3cret@[zz]:5432/x", "the database URL has a bad host or port: '[zz]:5432'"),
+    ("postgresql://u:s3/cret@[::1:5432/x", "the database URL has a bad host or port: '[::1:5432'"),
+    ("postgresql://u:s3cret@h:0/x", "the database URL has a bad host or port: 'h:0'"),
+    ("postgresql://u:s3cret@h:99999/x", "the database URL has a bad host or port: 'h:99999'"),
+    ("postgresql://u:s3cret@h:\uff15\uff14\uff13\uff12/x",
+     "the database URL has a bad host or port: 'h:\uff15\uff14\uff13\uff12'"),
+])
+def test_lab_bad_database_url(url, message):
+    for result in (run_lab("--check", env={"DATABASE_URL": url}),
+                   run_lab("--check", "--database-url", url)):
+        assert_one_error(result, "lab.py", message)  # and so no password echoed
+
+
+# --- run_all.sh -----------------------------------------------------------------------
+
+
+def run_all(*args, env=None, timeout=60):
+    base = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.run(["./run_all.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                          encoding="utf-8", timeout=timeout, check=False,
+                          env={**base, **(env or {})})
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("garbage", "the database URL must look like postgresql://user:password@host:5432/dbname"),
+    ("postgresql://u:s3cret@[::1/x", "the database URL has a bad host or port: '[::1'"),
+    ("postgresql://u:s3cret@127.0.0.1:1/x", REFUSED),
+])
+def test_run_all_checks_database_url_before_starting_anything(url, message, tmp_path):
+    tmp_path.chmod(0o1777)
+    result = run_all("--delay", "0.05", env={"DATABASE_URL": url, "TMPDIR": str(tmp_path)})
+    assert_one_error(result, "run_all.sh", f"DATABASE_URL: {message}")
+    assert list(tmp_path.iterdir()) == []  # its work folder gone, no awl-pg-* made
+
+
+@pytest.mark.parametrize("path", ["/nonexistent", ""])
+def test_run_all_with_a_broken_path_names_what_is_missing(path):
+    result = run_all("--delay", "0.05", env={"PATH": path})
+    assert_one_error(result, "run_all.sh", f"not found on PATH: python3, rm, sleep (PATH={path})")
+    help_text = run_all("--help", env={"PATH": path})
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: ./run_all.sh")
 
 
 # --- load.py --------------------------------------------------------------------------

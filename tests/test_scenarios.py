@@ -6,8 +6,11 @@ and the two differ by a factor of ten, far beyond any noise.
 """
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -26,32 +29,37 @@ SHAPES = {(setup, route): lab.model_seconds(setup, route, N, N, DELAY, DELAY)
           for setup, route, _ in lab.SCENARIOS}
 
 
-def lab_processes():
-    """Processes a run of the lab may start: gunicorn masters/workers, servers, PostgreSQL."""
+def lab_processes(tmp):
+    """Processes this run may start: run from this folder (gunicorn masters and workers, the
+    servers, load.py), or naming its private TMPDIR (PostgreSQL). Runs of other checkouts on
+    the same machine are not ours."""
     found = set()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in ("lab.py", "slow_server.py", "load.py", "awl-pg-")):
+        try:
+            ours = tmp in cmdline or (proc.cwd() == str(ROOT) and any(
+                name in cmdline for name in ("lab.py", "slow_server.py", "load.py")))
+        except psutil.Error:
+            continue
+        if ours:
             found.add(proc.info["pid"])
     return found
 
 
-def temporary_folders():
-    import tempfile
-    from pathlib import Path
-
-    return {p.name for p in Path(tempfile.gettempdir()).glob("awl-*")}
-
-
 @pytest.fixture(scope="module")
 def run_all():
-    before_processes, before_folders = lab_processes(), temporary_folders()
+    tmp = tempfile.mkdtemp(prefix="awls-")  # short: PostgreSQL's socket path must stay short
+    os.chmod(tmp, 0o1777)  # as /tmp: as root, PostgreSQL runs as another user
+    before = lab_processes(tmp)
     started = time.monotonic()
     result = subprocess.run(["./run_all.sh", "--delay", str(DELAY), "--json"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, check=False)
+                            capture_output=True, text=True, timeout=600, check=False,
+                            env={**os.environ, "TMPDIR": tmp})
     took = time.monotonic() - started
     time.sleep(0.5)  # let the last exits be reaped
-    return result, took, lab_processes() - before_processes, temporary_folders() - before_folders
+    left, folders = lab_processes(tmp) - before, set(os.listdir(tmp))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return result, took, left, folders
 
 
 def scenarios(result):
