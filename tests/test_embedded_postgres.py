@@ -1,7 +1,10 @@
-"""The embedded PostgreSQL of lab.py, on real processes: the checks made before anything starts.
+"""The embedded PostgreSQL of lab.py, on real processes: the template cluster in its cache
+folder, and the checks made before anything starts.
 
-Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR of its own, and a record of
-every process it started, so that "nothing left behind" can be checked.
+Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR and a cache folder
+(AWL_CACHE_DIR) of its own, and a record of every process it started, so that "nothing left
+behind" can be checked. The cache starts empty, so initdb runs, unless a test takes the
+session's `warm_cache`, built once.
 """
 
 import os
@@ -10,10 +13,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import psycopg2
 import pytest
 from conftest import PY
-from test_faults import Sandbox, one_line_error, send, wait_until
+from test_faults import (
+    Sandbox,
+    one_line_error,
+    send,
+    wait_until,
+    warm_cache_fixture,  # noqa: F401 (the session's warm_cache)
+)
 
 import lab
 
@@ -23,6 +33,10 @@ def box():
     sandbox = Sandbox()
     yield sandbox
     sandbox.close()
+
+
+def use_cache(sandbox, cache):
+    sandbox.env["AWL_CACHE_DIR"] = str(cache)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -59,7 +73,7 @@ def query(url, sql="SELECT 1"):
 
 def stop(sandbox, proc, sig=signal.SIGTERM, status=0, tmpdir=None):
     """Stop lab.py and check that it left nothing: no process, nothing in its TMPDIR (the
-    sandbox's, or `tmpdir` inside it, then removed)."""
+    sandbox's, or `tmpdir` inside it, then removed), nothing half-built in its cache."""
     send(proc, sig, group=False)
     proc.wait(30)
     time.sleep(0.2)  # let the readers drain
@@ -70,6 +84,124 @@ def stop(sandbox, proc, sig=signal.SIGTERM, status=0, tmpdir=None):
     if tmpdir:
         tmpdir.rmdir()  # only if empty
     assert sandbox.files() == [], sandbox.files()
+    assert sandbox.half_built() == [], sandbox.half_built()
+
+
+def cache_entries(cache):
+    names = sorted(p.name for p in cache.iterdir())
+    templates = [n for n in names if "-template-" in n and not n.startswith(".")]
+    installs = [n for n in names if n.endswith("-install")]
+    return names, templates, installs
+
+
+def initdb_running(sandbox):
+    for pid in list(sandbox.seen):
+        try:
+            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
+# --- 1. the template: made once by initdb, copied at each start ------------------------------
+
+def test_the_template_is_made_once_then_copied_at_each_start(box):
+    started = time.monotonic()
+    proc = start_database(box)
+    url = database_url(proc)
+    cold = time.monotonic() - started
+    assert "PostgreSQL 18" in query(url, "SELECT version()")
+    names, templates, installs = cache_entries(box.cache)
+    assert len(templates) == 1 and not installs, names
+    assert not [n for n in names if n.startswith(".")], names
+    template = box.cache / templates[0]
+    info = template.stat()
+    assert info.st_uid == os.geteuid() and info.st_mode & 0o777 == 0o700, oct(info.st_mode)
+    assert (template / "PG_VERSION").read_text().strip() == "18"
+    stop(box, proc)
+    (template / "mark").write_text("")  # inode numbers are reused: a file says more
+
+
+    started = time.monotonic()
+    proc = start_database(box)
+    url = database_url(proc)
+    warm = time.monotonic() - started
+    assert query(url) == 1
+    assert (template / "mark").exists()  # not made again
+    assert cache_entries(box.cache)[0] == names
+    data = socket_folder(url) / "data"
+    assert (data / "PG_VERSION").is_file() and (data / "mark").is_file()  # a copy of it
+    stop(box, proc)
+    print(f"start-up to DATABASE_URL: {cold:.2f} s with an empty cache, {warm:.2f} s after")
+
+
+def test_two_labs_building_at_once_share_one_template(box):
+    procs = [start_database(box) for _ in range(2)]
+    urls = [database_url(proc) for proc in procs]
+    assert urls[0] != urls[1]
+    assert [query(url) for url in urls] == [1, 1]
+    names, templates, installs = cache_entries(box.cache)
+    assert len(templates) == 1 and not installs, names
+    assert not [n for n in names if n.startswith(".")], names
+    for proc in procs:
+        send(proc, signal.SIGTERM, group=False)
+    for proc in procs:
+        proc.wait(30)
+        assert proc.returncode == 0, output(proc)
+    assert not box.wait_all_gone()
+    assert box.files() == [] and box.half_built() == []
+
+
+@pytest.mark.parametrize("sig, group", [
+    (signal.SIGINT, True),
+    (signal.SIGTERM, False),
+    (signal.SIGHUP, False),
+], ids=["initdb-ctrl-c", "initdb-term", "initdb-hup"])
+def test_interrupted_while_building_the_cache_leaves_nothing(box, sig, group):
+    proc = start_database(box)
+    try:
+        wait_until(lambda: initdb_running(box), 60, "initdb")
+        assert proc.poll() is None, output(proc)
+        send(proc, sig, group)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, (proc.returncode, output(proc))
+    assert "Traceback" not in output(proc), output(proc)
+    left = box.wait_all_gone()
+    assert not left, "left running:\n" + "\n".join(left)
+    assert box.files() == [] and box.half_built() == [], (box.files(), box.half_built())
+    assert cache_entries(box.cache)[1] == []  # no template: it was never finished
+
+
+def test_cache_entries_others_may_write_to_are_made_again(box):
+    proc = start_database(box)
+    database_url(proc)
+    stop(box, proc)
+    _, [template], installs = cache_entries(box.cache)
+    entries = [box.cache / name for name in [template, *installs]]
+    for entry in entries:
+        (entry / "mark").write_text("")  # inode numbers are reused: a file says more
+        entry.chmod(0o777)
+
+    proc = start_database(box)
+    assert query(database_url(proc)) == 1
+    for entry in entries:
+        mode = entry.stat().st_mode
+        assert not (entry / "mark").exists() and not mode & 0o022, (entry, oct(mode))
+    stop(box, proc)
+
+
+def test_a_cache_folder_others_may_write_to_is_one_line(box):
+    box.cache.chmod(0o777)
+    proc = start_database(box)
+    proc.wait(30)
+    time.sleep(0.2)
+    result = completed(proc)
+    one_line_error(result, "lab.py", str(box.cache), "writable by others", "AWL_CACHE_DIR")
+    assert box.files() == []
 
 
 def completed(proc):
@@ -77,7 +209,7 @@ def completed(proc):
                                        "".join(proc.err))
 
 
-# --- the environment, checked before anything starts ----------------------------------------
+# --- 4. the environment, checked before anything starts -------------------------------------
 
 def tmpdir_of_length(box, length):
     """A real folder whose path is `length` bytes long."""
@@ -89,7 +221,8 @@ def tmpdir_of_length(box, length):
 
 
 @pytest.mark.parametrize("case", ["missing", "a file", "not writable", "too long"])
-def test_a_bad_tmpdir_is_one_line(box, case):
+def test_a_bad_tmpdir_is_one_line(box, warm_cache, case):
+    use_cache(box, warm_cache)
     if case == "missing":
         tmpdir, words = box.tmp / "nope", ["does not exist"]
     elif case == "a file":
@@ -115,7 +248,8 @@ def test_a_bad_tmpdir_is_one_line(box, case):
         assert list(tmpdir.iterdir()) == []
 
 
-def test_a_tmpdir_at_the_socket_limit_works(box):
+def test_a_tmpdir_at_the_socket_limit_works(box, warm_cache):
+    use_cache(box, warm_cache)
     tmpdir = tmpdir_of_length(box, lab.MAX_SOCKET_PATH - 30)
     box.env["TMPDIR"] = str(tmpdir)
     proc = start_database(box)
