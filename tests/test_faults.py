@@ -604,8 +604,7 @@ def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox):
 
 
 def test_embedded_postgres_that_cannot_start_is_one_line(sandbox):
-    """PostgreSQL failing (here: as root, a TMPDIR the pgserver user cannot enter) is a
-    LabError."""
+    """As root, a TMPDIR the server user cannot enter is one line (checked before initdb)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: the embedded server then runs as another user")
     sandbox.tmp.chmod(0o700)
