@@ -644,11 +644,12 @@ def say(text):
 #   place: an interrupted build leaves no half-made entry, and of two labs building at once
 #   the second simply uses the first one's.
 # - A fresh temporary folder per start (TMPDIR/awl-pg-*: the cluster, its Unix socket and its
-#   log).
+#   log) with a note of its owner, so that the next start removes what a `kill -9` left.
 
 CACHE_ENV = "AWL_CACHE_DIR"  # where the template and the copied install live (see cache_folder)
 WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
 DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
+OWNER_FILE = "owner.json"  # in each folder we create: whose it is (see owner_gone)
 SOCKET_NAME = ".s.PGSQL.5432"
 MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
 INITDB_OPTIONS = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale",
@@ -805,6 +806,78 @@ def ours_and_private(path):
             and not info.st_mode & 0o022)
 
 
+# Owner notes: whose an awl-pg-* or half-built cache folder is, so that a later lab can tell
+# what a `kill -9` left (PostgreSQL dies with the lab, by PR_SET_PDEATHSIG; its folder does not).
+
+def process_start_time(pid):
+    """When `pid` started (clock ticks after boot, /proc/PID/stat field 22), None if it is gone
+    or a zombie. With the PID it names one process: PIDs are reused, start times are not."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def owner_note():
+    """This process: PID and start time, and the boot and PID namespace they are valid in."""
+    def read(reader):
+        try:
+            return reader()
+        except OSError:
+            return None
+
+    return {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+            "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_namespace": read(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
+def owner_gone(folder, me):
+    """True only when the folder's owner has surely ended (`me`: our owner_note()). A folder
+    with no readable note (an older lab.py's, or one whose owner is writing it right now) or
+    from another PID namespace (a container sharing the folder) is never called abandoned."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        if owner["boot_id"] != me["boot_id"]:
+            return owner["boot_id"] is not None and me["boot_id"] is not None  # rebooted since
+        if owner["pid_namespace"] != me["pid_namespace"]:
+            return False
+        return process_start_time(owner["pid"]) != owner["start_time"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def postmaster_alive(folder):
+    """A postmaster still running in the folder (one that died with its lab may take a moment
+    to finish its shutdown): its folder is left to the next start."""
+    try:
+        pid = (folder / "data" / "postmaster.pid").read_text().split("\n", 1)[0]
+    except OSError:
+        return False
+    return process_start_time(pid) is not None
+
+
+def remove_abandoned(parent, prefix, owners):
+    """Remove the folders `prefix*` in `parent`, owned by a uid in `owners`, whose lab is gone."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    me = owner_note()
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        folder = Path(entry.path)
+        if (entry.is_dir(follow_symlinks=False) and info.st_uid in owners
+                and owner_gone(folder, me) and not postmaster_alive(folder)):
+            remove_tree(folder)
+
+
 def remove_tree(folder, tries=50):
     """rmtree, retried: a server that just exited may still be closing its files."""
     for _ in range(tries):
@@ -897,6 +970,9 @@ class EmbeddedPostgres:
                 # Its own group and no other: not root's groups, which Popen would keep.
                 self.run_as = {"user": account.pw_uid, "group": account.pw_gid,
                                "extra_groups": []}
+            owners = {os.geteuid(), *([account.pw_uid] if account else [])}
+            remove_abandoned(parent, DATA_PREFIX, owners)
+            remove_abandoned(cache, ".", {os.geteuid()})
             self.data_dir = self.new_folder(parent, DATA_PREFIX)
             self.bin_dir = (self.install(cache, wheel) if account
                             else wheel.install / "bin")
@@ -913,7 +989,7 @@ class EmbeddedPostgres:
     # --- folders and cache entries -------------------------------------------------------
 
     def new_folder(self, parent, prefix, mode=0o700):
-        """A new folder, recorded for stop() to remove.
+        """A new folder with our owner note, recorded for stop() to remove.
 
         Stop signals are held back meanwhile: an interrupt landing between its creation and
         its record would leave it behind.
@@ -922,6 +998,7 @@ class EmbeddedPostgres:
         try:
             folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             self.folders.append(folder)
+            (folder / OWNER_FILE).write_text(json.dumps(owner_note()))
             folder.chmod(mode)
         except OSError as exc:
             raise LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None

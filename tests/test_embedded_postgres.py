@@ -1,6 +1,6 @@
 """The embedded PostgreSQL of lab.py, on real processes: the template cluster in its cache
-folder, what running as root changes on the machine (and what it leaves alone), and the checks
-made before anything starts.
+folder, what running as root changes on the machine (and what it leaves alone), the folders a
+`kill -9` leaves behind, and the checks made before anything starts.
 
 Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR and a cache folder
 (AWL_CACHE_DIR) of its own, and a record of every process it started, so that "nothing left
@@ -8,6 +8,7 @@ behind" can be checked. The cache starts empty, so initdb runs, unless a test ta
 session's `warm_cache`, built once.
 """
 
+import json
 import os
 import pwd
 import shutil
@@ -198,6 +199,23 @@ def test_interrupted_while_building_the_cache_leaves_nothing(box, moment, sig, g
     assert cache_entries(box.cache)[1] == []  # no template: it was never finished
 
 
+def test_killed_while_building_the_next_start_clears_what_was_left(box):
+    proc = start_database(box)
+    wait_until(lambda: initdb_running(box), 60, "initdb")
+    proc.kill()
+    proc.wait(10)
+    assert not box.wait_all_gone(), "initdb outlived lab.py"
+    half_built, left = box.half_built(), box.files()
+    assert half_built and any(name.startswith("awl-pg-") for name in left), (half_built, left)
+
+    proc = start_database(box)
+    url = database_url(proc)
+    assert query(url) == 1
+    assert box.half_built() == []
+    assert [name for name in box.files() if "/" not in name] == [socket_folder(url).name]
+    stop(box, proc)
+
+
 def test_cache_entries_others_may_write_to_are_made_again(box):
     proc = start_database(box)
     database_url(proc)
@@ -275,6 +293,43 @@ def test_as_root_a_private_checkout_stays_private(box):
         assert (box.cache / install).stat().st_mode & 0o777 == 0o755
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+# --- 3. what a kill -9 leaves, the next start removes ---------------------------------------
+
+def owner_note_file(folder, **note):
+    folder.mkdir()
+    (folder / lab.OWNER_FILE).write_text(json.dumps({**lab.owner_note(), **note}))
+    return folder
+
+
+def test_a_folder_left_by_kill_9_is_removed_by_the_next_start(box, warm_cache):
+    use_cache(box, warm_cache)
+    proc = start_database(box)
+    killed = socket_folder(database_url(proc))
+    proc.kill()
+    proc.wait(10)
+    assert not box.wait_all_gone(), "PostgreSQL outlived lab.py"
+    assert killed.is_dir()
+    assert json.loads((killed / lab.OWNER_FILE).read_text())["pid"] == proc.pid
+
+    # Notes of other kinds: a live owner, a reused PID, no note, another PID namespace.
+    me = os.getpid()
+    live = owner_note_file(box.tmp / "awl-pg-live0000")
+    reused = owner_note_file(box.tmp / "awl-pg-reused00", pid=me, start_time=1)
+    unknown = box.tmp / "awl-pg-nonote00"
+    unknown.mkdir()
+    elsewhere = owner_note_file(box.tmp / "awl-pg-otherns0", pid=2 ** 22 + 1,
+                                pid_namespace="pid:[1]")
+
+    proc = start_database(box)
+    url = database_url(proc)
+    assert not killed.exists() and not reused.exists()
+    assert live.is_dir() and unknown.is_dir() and elsewhere.is_dir()
+    assert socket_folder(url).is_dir()
+    for folder in (live, unknown, elsewhere):
+        shutil.rmtree(folder)
+    stop(box, proc)
 
 
 # --- 4. the environment, checked before anything starts -------------------------------------

@@ -627,8 +627,8 @@ def test_lab_killed_takes_postgres_and_workers_with_it(sandbox):
     proc.wait(10)
     left = sandbox.wait_all_gone(timeout=20)
     assert not left, "left running after SIGKILL of lab.py:\n" + "\n".join(left)
-    # The awl-pg-* folder stays behind after SIGKILL: nobody is left to remove it (noted in the
-    # report, and removed by the sandbox).
+    # The awl-pg-* folder stays behind after SIGKILL, until the next lab.py starts (see
+    # tests/test_embedded_postgres.py); here the sandbox removes it.
 
 
 # --- 5. safe defaults -------------------------------------------------------------------------
