@@ -93,8 +93,12 @@ def database_url(tmp_path_factory):
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
         return
-    log = tmp_path_factory.mktemp("db") / "database.log"
-    db = Process(["lab.py", "--database-only"], log)
+    yield from embedded_database(tmp_path_factory.mktemp("db") / "database.log")
+
+
+def embedded_database(log, *flags):
+    """`lab.py --database-only [FLAGS]`: yield its URL once it prints it, then stop it."""
+    db = Process(["lab.py", "--database-only", *flags], log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for line in db.output.splitlines():
@@ -106,7 +110,7 @@ def database_url(tmp_path_factory):
             break
         time.sleep(0.05)
     db.stop()
-    pytest.fail(f"the embedded PostgreSQL did not start:\n{db.output}")
+    pytest.fail(f"the embedded PostgreSQL {' '.join(flags)} did not start:\n{db.output}")
 
 
 @pytest.fixture

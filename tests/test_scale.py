@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Process, get, load, run
+from conftest import embedded_database, get, load, run
 
 import lab
 import report
@@ -17,20 +17,8 @@ import report
 @pytest.fixture(scope="module")
 def small_database(tmp_path_factory):
     """An embedded PostgreSQL of its own with max_connections = 20."""
-    db = Process(["lab.py", "--database-only", "--max-connections", "20"],
-                 tmp_path_factory.mktemp("smalldb") / "database.log")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for line in db.output.splitlines():
-            if line.startswith("DATABASE_URL="):
-                yield line.split("=", 1)[1]
-                assert db.stop() == 0, db.output
-                return
-        if db.popen.poll() is not None:
-            break
-        time.sleep(0.05)
-    db.stop()
-    pytest.fail(f"the small PostgreSQL did not start:\n{db.output}")
+    yield from embedded_database(tmp_path_factory.mktemp("smalldb") / "database.log",
+                                 "--max-connections", "20")
 
 
 def burst(url, count):
