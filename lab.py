@@ -1086,6 +1086,7 @@ def say(text):
 #   the second simply uses the first one's.
 # - A fresh temporary folder per start (TMPDIR/awl-pg-*: the cluster, its Unix socket and its
 #   log) with a note of its owner, so that the next start removes what a `kill -9` left.
+# - A watcher thread that starts PostgreSQL again, at the same URL, when it dies under the lab.
 
 CACHE_ENV = "AWL_CACHE_DIR"  # where the template and the copied install live (see cache_folder)
 WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
@@ -1369,6 +1370,13 @@ def chown_tree(folder, uid, gid):
             os.lchown(os.path.join(parent, name), uid, gid)
 
 
+def exit_reason(info):
+    """'killed by signal 9' or 'exit status 1', from what waitid() says."""
+    if info.si_code == os.CLD_EXITED:
+        return f"exit status {info.si_status}"
+    return f"killed by signal {info.si_status}"
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
 
@@ -1377,8 +1385,13 @@ class EmbeddedPostgres:
     """
 
     max_connections = 200  # --max-connections (see At scale)
+    RESTARTS = 3  # restarts in a row that may fail before the watcher gives up
+    BACKOFF = 1.0  # seconds before the second restart in a row, doubled for each next one
+    STABLE = 10.0  # seconds a restarted server must stay up to end a series of restarts
 
     def __init__(self):
+        import threading
+
         self.owner_pid = os.getpid()  # forked Gunicorn workers must never stop it
         self.data_dir = None
         self.bin_dir = None  # the wheel's, or as root our copy of it (see install)
@@ -1386,6 +1399,12 @@ class EmbeddedPostgres:
         self.process = None
         self.run_as = {}
         self.folders = []  # what stop() removes: the data folder, cache entries being built
+        self.lock = threading.Lock()  # a restart by the watcher, or stop(): one at a time
+        self.stopping = threading.Event()
+        self.gave_up = threading.Event()
+        self.failure = None  # why the watcher gave up
+        self.watcher = None
+        self.ended = {}  # PID -> how that postmaster ended, read before anyone reaped it
 
     @property
     def url(self):
@@ -1543,19 +1562,23 @@ class EmbeddedPostgres:
         """Start a child and keep it as self.<name>, in its own session.
 
         Stop signals are held back until it is recorded: a Ctrl-C that lands while Popen is
-        still starting the child would otherwise leave it running with nobody to stop it.
+        still starting the child would otherwise leave it running with nobody to stop it. The
+        mask is set, not added to: the watcher thread blocks every signal, and a child
+        inherits its mask (child_setup unblocks the stop signals).
         """
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        held = signal.pthread_sigmask(signal.SIG_SETMASK, STOP_SIGNALS)
         try:
             setattr(self, name, subprocess.Popen(
                 args, start_new_session=True,
-                preexec_fn=child_setup(death_signal),  # noqa: PLW1509 (no threads yet)
+                # Restarts come from the watcher thread; the child runs only a signal mask
+                # change and a prctl before its exec.
+                preexec_fn=child_setup(death_signal),  # noqa: PLW1509
                 **self.run_as, **kwargs))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def launch(self, timeout=30):
-        """Start the server on the existing cluster (again, after halt())."""
+        """Start the server on the existing cluster (again, after halt() or a crash)."""
         # No TCP port (nothing to collide with): one Unix socket in our own folder.
         # SIGINT is PostgreSQL's "fast shutdown", also when we die without a word.
         try:
@@ -1572,7 +1595,8 @@ class EmbeddedPostgres:
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout):
-        # postmaster.pid's last line turns to "ready" once connections are accepted.
+        # postmaster.pid's last line turns to "ready" once connections are accepted. After a
+        # crash the old file is still there, "ready" too: the first line must be our PID.
         deadline = time.monotonic() + timeout
         pid_file = self.data_dir / "data" / "postmaster.pid"
         while time.monotonic() < deadline:
@@ -1580,13 +1604,21 @@ class EmbeddedPostgres:
                 log = (self.data_dir / "postgres.log").read_text(errors="replace").strip()
                 raise LabError("embedded PostgreSQL did not start: "
                                + (log.splitlines()[-1] if log else "no log"))
-            if pid_file.exists() and pid_file.read_text().strip().endswith("ready"):
+            if self.stopping.is_set():
+                raise LabError("embedded PostgreSQL: stopping")
+            try:
+                status = pid_file.read_text()
+            except OSError:
+                status = ""
+            if (status.split("\n", 1)[0] == str(self.process.pid)
+                    and status.strip().endswith("ready")):
                 return
             time.sleep(0.02)
         raise LabError(f"embedded PostgreSQL was not ready after {timeout} s")
 
     def halt(self):
-        """Stop the server, keep the cluster: launch() brings it back at the same URL."""
+        """Stop the server, keep the cluster: launch() brings it back at the same URL.
+        (Under supervise(), use stop(): the watcher would take this for a crash.)"""
         if self.initdb and self.initdb.poll() is None:
             # Interrupted while creating the cluster: initdb and its bootstrap postgres, at once.
             os.killpg(self.initdb.pid, signal.SIGKILL)
@@ -1600,15 +1632,120 @@ class EmbeddedPostgres:
                 self.process.wait()
 
     def stop(self):
-        """Stop the server and remove our folders. Only the process that started it does."""
+        """Stop the watcher and the server, remove our folders. Only the process that
+        started it does."""
         if os.getpid() != self.owner_pid:
             return
-        self.halt()
+        self.stopping.set()  # no restart from now on
+        with self.lock:  # nor one under way
+            self.halt()
+        if self.watcher:
+            self.watcher.join(5)
         for folder in reversed(self.folders):
             remove_tree(folder)
         self.folders.clear()
         self.data_dir = None
 
+    # --- the watcher ---------------------------------------------------------------------
+
+    def supervise(self, say_give_up=True):
+        """Start PostgreSQL again when it dies while the lab runs, from a thread of ours.
+
+        The thread lives in the process that owns the server (Gunicorn's master, or lab.py
+        --database-only); workers, forked from the master's main thread, do not inherit it.
+        It lives as long as the server it started, by design: PR_SET_PDEATHSIG fires when the
+        thread that forked the child ends, not the process. A server that dies again at once
+        is started again after 1 s, then 2 s; after RESTARTS failed restarts the watcher
+        gives up, says why in one line (unless say_give_up is False: the caller says it) and
+        sets self.gave_up. The database routes answer 503 meanwhile.
+        """
+        import threading
+
+        self.watcher = threading.Thread(target=self._watch, args=(say_give_up,),
+                                        name="postgres-watcher", daemon=True)
+        self.watcher.start()
+
+    def _watch(self, say_give_up):
+        # Every signal goes to the main thread, where Python runs its handlers anyway: a
+        # SIGCHLD taken here would interrupt the waitid below.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        restarts, up_since = 0, time.monotonic()
+        try:
+            while True:
+                why = self._wait_for_exit(self.process)
+                if self.stopping.is_set():
+                    return
+                if time.monotonic() - up_since >= self.STABLE:
+                    restarts = 0  # a new series: the last one ended well
+                if restarts == 0:
+                    say(f"embedded PostgreSQL stopped ({why}); starting it again")
+                while True:
+                    if restarts == self.RESTARTS:
+                        self.failure = (f"embedded PostgreSQL did not stay up after {restarts} "
+                                        f"restarts (last: {why}); giving up")
+                        if say_give_up:
+                            say(f"{self.failure}: the database routes answer 503 until lab.py "
+                                "is restarted")
+                        self.gave_up.set()
+                        return
+                    if restarts and self.stopping.wait(self.BACKOFF * 2 ** (restarts - 1)):
+                        return
+                    restarts += 1
+                    try:
+                        with self.lock:
+                            if self.stopping.is_set():
+                                return
+                            self.launch()
+                        break
+                    except LabError as exc:
+                        if self.stopping.is_set():
+                            return
+                        why = str(exc).removeprefix("embedded PostgreSQL ")
+                up_since = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 (one line, not a thread's traceback)
+            self.failure = f"embedded PostgreSQL watcher failed: {type(exc).__name__}: {exc}"
+            say(self.failure)
+            self.gave_up.set()
+
+    def _wait_for_exit(self, process):
+        """Block until the postmaster ends, reap it, say how it ended.
+
+        waitid(WNOWAIT) reads the status without reaping. In Gunicorn's master, whose main loop
+        reaps every child with waitpid(-1), this thread may still come second (it does, often,
+        under gVisor): the status is then the one note_exit() read in Gunicorn's SIGCHLD
+        handler, which runs before that loop. We reap it ourselves otherwise: a zombie keeps its
+        PID, and the next postmaster would take the old one's lock file for a live server's.
+        """
+        try:
+            info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+            self.ended[process.pid] = exit_reason(info)
+        except ChildProcessError:  # reaped by Gunicorn's master
+            pass
+        process.poll()
+        return self.ended.pop(process.pid, "exit status unknown")
+
+    def note_exit(self):
+        """If the postmaster has ended, note how, without reaping it."""
+        try:
+            info = os.waitid(os.P_PID, self.process.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is not None:
+            self.ended[info.si_pid] = exit_reason(info)
+
+    def hook_sigchld(self, server=None):
+        """Gunicorn's when_ready hook, in the master: note_exit() at each SIGCHLD, before
+        Gunicorn's own handler (which makes its main loop reap every child)."""
+        gunicorn_handler = signal.getsignal(signal.SIGCHLD)
+
+        def on_sigchld(signum, frame):
+            if self.process:
+                self.note_exit()
+            if callable(gunicorn_handler):
+                gunicorn_handler(signum, frame)
+
+        signal.signal(signal.SIGCHLD, on_sigchld)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2528,7 +2665,8 @@ def raise_interrupt(signum, frame):
 
 
 def hold_database(database):
-    """--database-only: print the URL, keep the server until a signal."""
+    """--database-only: print the URL, keep the server (restarted if it dies) until a signal."""
+    database.supervise(say_give_up=False)  # we say it, as the error that ends the run
     try:
         print(f"DATABASE_URL={database.url}", flush=True)
     except OSError:  # the terminal is gone: its hang-up is on its way
@@ -2536,9 +2674,9 @@ def hold_database(database):
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_interrupt)  # a normal stop, like Ctrl-C
     try:
-        while database.process.poll() is None:
-            time.sleep(0.5)
-        raise LabError("embedded PostgreSQL stopped unexpectedly")
+        while not database.gave_up.wait(0.5):
+            pass
+        raise LabError(database.failure)
     except KeyboardInterrupt:
         return 0
 
@@ -2570,6 +2708,7 @@ def serve(args, database):
     check_port_free(host, port)
     if not args.database_url:
         options["database"] = database_settings(database.start())
+        database.supervise()  # from Gunicorn's master: restarts PostgreSQL if it dies
     limits = check_database_reachable(args.database_url or database.url)
     options["db_pool"] = fit_db_pool(options["db_pool"], options["workers"], limits)
     if not is_loopback(host):
@@ -2584,10 +2723,13 @@ def serve(args, database):
     import multiprocessing
 
     BOOTED = multiprocessing.Value("i", 0)  # shared memory, before Gunicorn forks the workers
+    settings = gunicorn_settings(args)
+    if not args.database_url:
+        settings["when_ready"] = database.hook_sigchld  # see EmbeddedPostgres._wait_for_exit
     sampler = start_connection_sampler(args.database_url or database.url, args,
                                        options["db_options"]["application_name"])
     try:
-        run_gunicorn(gunicorn_settings(args), options)
+        run_gunicorn(settings, options)
     finally:
         stop_connection_sampler(sampler)
     return 0

@@ -1,6 +1,7 @@
 """The embedded PostgreSQL of lab.py, on real processes: the template cluster in its cache
 folder, what running as root changes on the machine (and what it leaves alone), the folders a
-`kill -9` leaves behind, and the checks made before anything starts.
+`kill -9` leaves behind, the checks made before anything starts, and the watcher that starts
+PostgreSQL again when it dies.
 
 Each test runs lab.py in a Sandbox (tests/test_faults.py): a TMPDIR and a cache folder
 (AWL_CACHE_DIR) of its own, and a record of every process it started, so that "nothing left
@@ -11,6 +12,7 @@ session's `warm_cache`, built once.
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +23,7 @@ from pathlib import Path
 import psutil
 import psycopg2
 import pytest
-from conftest import PY, ROOT
+from conftest import PY, ROOT, free_port, get
 from test_faults import (
     Sandbox,
     one_line_error,
@@ -32,6 +34,9 @@ from test_faults import (
 
 import lab
 
+STOPPED = re.compile(r"^lab\.py: embedded PostgreSQL stopped \((.+)\); starting it again$",
+                     re.MULTILINE)
+GAVE_UP = "embedded PostgreSQL did not stay up after 3 restarts"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the server then runs as "
                                "another user, from a copy of the wheel's PostgreSQL")
 
@@ -51,6 +56,16 @@ def use_cache(sandbox, cache):
 
 def start_database(sandbox, *extra, script="lab.py"):
     return sandbox.popen([PY, script, "--database-only", *extra], new_session=True)
+
+
+def start_serving(sandbox):
+    """`lab.py --patch all` on its embedded PostgreSQL (the slow service is not needed)."""
+    port = free_port()
+    proc = sandbox.popen([PY, "lab.py", "--patch", "all", "--bind", f"127.0.0.1:{port}",
+                          "--slow-url", f"http://127.0.0.1:{free_port()}", "--delay", "0.05"],
+                         new_session=True)
+    proc.url = f"http://127.0.0.1:{port}"
+    return proc
 
 
 def output(proc):
@@ -77,6 +92,20 @@ def query(url, sql="SELECT 1"):
         value = cursor.fetchone()[0]
     conn.close()
     return value
+
+
+def db_status(proc):
+    try:
+        return get(proc.url + "/only-database-call/?seconds_to_sleep=0", timeout=5)[0]
+    except OSError:
+        return None
+
+
+def wait_serving(proc, timeout=90):
+    def serving():
+        assert proc.poll() is None, output(proc)
+        return db_status(proc) == 200
+    wait_until(serving, timeout, "the lab to serve")
 
 
 def postmaster(proc):
@@ -118,6 +147,13 @@ def initdb_running(sandbox):
         except psutil.Error:
             pass
     return False
+
+
+def first_seen(proc, pattern, timeout):
+    """Wait for a stderr line matching `pattern`; return when it was seen (monotonic)."""
+    wait_until(lambda: re.search(pattern, "".join(proc.err), re.MULTILINE), timeout,
+               f"a line matching {pattern!r}:\n{output(proc)}")
+    return time.monotonic()
 
 
 # --- 1. the template: made once by initdb, copied at each start ------------------------------
@@ -380,3 +416,112 @@ def test_a_tmpdir_at_the_socket_limit_works(box, warm_cache):
     assert len(str(socket_folder(url) / lab.SOCKET_NAME)) == lab.MAX_SOCKET_PATH
     assert query(url) == 1
     stop(box, proc, tmpdir=tmpdir)
+
+
+# --- 5. the watcher: PostgreSQL started again when it dies ----------------------------------
+
+@pytest.mark.parametrize("how", ["database-only", "serving"])
+def test_postmaster_killed_is_started_again_at_the_same_url(box, warm_cache, how):
+    use_cache(box, warm_cache)
+    if how == "serving":
+        proc = start_serving(box)
+        wait_serving(proc)
+        workers = {c.pid for c in psutil.Process(proc.pid).children() if c.name() != "postgres"}
+    else:
+        proc = start_database(box)
+        url = database_url(proc)
+        assert query(url) == 1
+    old = postmaster(proc)
+    folder = old.cmdline()[old.cmdline().index("-k") + 1]
+
+    killed_at = time.monotonic()
+    old.kill()
+    # The lab noticed: before this, a pooled connection's backend may still answer.
+    first_seen(proc, STOPPED.pattern, 10)
+    statuses = []
+    while time.monotonic() - killed_at < 10:
+        if how == "serving":
+            statuses.append(db_status(proc))
+            if statuses[-1] == 200:
+                break
+        else:
+            try:
+                if query(url) == 1:
+                    break
+            except psycopg2.Error:
+                pass
+        time.sleep(0.05)
+    took = time.monotonic() - killed_at
+    assert took < 10, (statuses, output(proc))
+    assert set(statuses) <= {503, 200}, statuses
+    new = postmaster(proc)
+    assert new.pid != old.pid and new.cmdline()[new.cmdline().index("-k") + 1] == folder
+    assert proc.poll() is None  # the same lab.py, never restarted
+    if how == "serving":
+        assert {c.pid for c in psutil.Process(proc.pid).children()
+                if c.name() != "postgres"} == workers
+        assert [db_status(proc) for _ in range(3)] == [200] * 3
+    time.sleep(0.5)
+    assert STOPPED.findall("".join(proc.err)) == ["killed by signal 9"], output(proc)
+    stop(box, proc)
+    assert len(STOPPED.findall("".join(proc.err))) == 1, output(proc)  # none while stopping
+    print(f"{how}: answering again {took:.2f} s after the kill, statuses {statuses}")
+
+
+def break_and_kill(proc):
+    """A postgresql.conf PostgreSQL refuses at start, then kill -9: every restart fails."""
+    server = postmaster(proc)
+    folder = Path(server.cmdline()[server.cmdline().index("-k") + 1])
+    with open(folder / "data" / "postgresql.conf", "a") as conf:
+        conf.write("\nthis line is not a setting\n")
+    server.kill()
+    return folder
+
+
+def test_a_crash_loop_backs_off_then_gives_up_while_the_lab_serves(box, warm_cache):
+    use_cache(box, warm_cache)
+    proc = start_serving(box)
+    wait_serving(proc)
+    folder = break_and_kill(proc)
+    stopped_at = first_seen(proc, STOPPED.pattern, 10)
+    gave_up_at = first_seen(proc, re.escape(GAVE_UP), 30)
+    assert gave_up_at - stopped_at >= 2.5, gave_up_at - stopped_at  # waited 1 s, then 2 s
+    time.sleep(1.5)
+    attempts = (folder / "postgres.log").read_text().count("contains errors")
+    assert attempts == lab.EmbeddedPostgres.RESTARTS, attempts  # no spinning, no more tries
+    assert not [c for c in psutil.Process(proc.pid).children() if c.name() == "postgres"]
+    status, body = get(proc.url + "/only-database-call/")
+    assert status == 503 and body["error"].startswith("database unavailable"), body
+    assert get(proc.url + "/healthcheck/liveness") == (200, {"status": "alive"})
+    err = "".join(proc.err)
+    assert len(STOPPED.findall(err)) == 1 and err.count(GAVE_UP) == 1, err
+    assert re.search(rf"^lab\.py: {GAVE_UP} \(last: did not start: .*contains errors\); "
+                     r"giving up: the database routes answer 503", err, re.MULTILINE), err
+    stop(box, proc)
+
+
+def test_a_crash_loop_ends_database_only_with_one_error_line(box, warm_cache):
+    use_cache(box, warm_cache)
+    proc = start_database(box)
+    database_url(proc)
+    break_and_kill(proc)
+    proc.wait(30)
+    time.sleep(0.2)
+    lines = "".join(proc.err).strip().splitlines()
+    assert proc.returncode == 2, output(proc)
+    assert len(lines) == 2 and STOPPED.match(lines[0]), lines
+    assert lines[1].startswith(f"lab.py: error: {GAVE_UP}"), lines
+    assert not box.wait_all_gone() and box.files() == []
+
+
+def test_a_stop_during_the_back_off_is_prompt_and_restarts_nothing(box, warm_cache):
+    use_cache(box, warm_cache)
+    proc = start_database(box)
+    database_url(proc)
+    break_and_kill(proc)
+    first_seen(proc, STOPPED.pattern, 10)
+    time.sleep(0.3)  # the first restart has failed: the watcher waits 1 s before the next
+    asked = time.monotonic()
+    stop(box, proc)
+    assert time.monotonic() - asked < 3
+    assert GAVE_UP not in "".join(proc.err)
