@@ -275,7 +275,7 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert "4 requests per scenario, 1 at a time" in text  # the first scenario's n and c
     assert f"pg_sleep {DELAY:g} s each" in text
     for heading in ("scenario", "measured", "req/s", "model", "measured/model", "article",
-                    "blocked", "result"):
+                    "memory", "blocked", "result"):
         assert f"<th>{heading}</th>" in text
     for mode in ("nothing", "almost_all", "all"):
         assert f"<dt>{mode}</dt>" in text
