@@ -370,14 +370,15 @@ def html_setup_notes(setups):
 
 
 def html_table(scenarios):
-    head = ("scenario", "measured", "req/s", "model", "measured/model", "article", "blocked",
-            "connections", "result")
+    head = ("scenario", "measured", "req/s", "model", "measured/model", "article", "memory",
+            "blocked", "connections", "result")
     rows = ["<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
     for s in scenarios:
         ratio = f"{s['total_s'] / s['model_s']:.2f}\u00d7" if s["model_s"] else "-"
         article = f"{s['article_s']:.2f} s" if s["article_s"] else "-"
         cells = (f"{s['setup']} / {s['route']}", f"{s['total_s']:.3f} s", f"{s['rps']:.2f}",
-                 f"{s['model_s']:.2f} s", ratio, article, blocked_count(s), peak_connections(s))
+                 f"{s['model_s']:.2f} s", ratio, article, memory(s), blocked_count(s),
+                 peak_connections(s))
         rows.append(f'<tr class="{"ok" if s["ok"] else "failed"}">'
                     + "".join(f"<td>{escape(c)}</td>" for c in cells)
                     + f'<td class="result">{escape(result(s))}</td></tr>')

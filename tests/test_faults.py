@@ -674,8 +674,9 @@ RUN_ALL_POINTS = {
                       signal.SIGTERM, False, r"scenario nothing / both"),
     "between-ctrl-c": (lambda p, b: wait_for_text(p, "Summary:", 60), signal.SIGINT, True,
                        r"scenario (nothing|almost_all) / both"),
-    # A moment, not a phase: on a busy machine the set-up may still be going.
-    "8s-term": (lambda p, b: time.sleep(8), signal.SIGTERM, False, r"(set-up|scenario)"),
+    "mid-run-term": (lambda p, b: (wait_for_text(p, "=== almost_all / both", 120),
+                                   time.sleep(1)),
+                     signal.SIGTERM, False, r"scenario almost_all / both"),
 }
 
 

@@ -276,7 +276,7 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert "4 requests per scenario, 1 at a time" in text  # the first scenario's n and c
     assert f"pg_sleep {DELAY:g} s each" in text
     for heading in ("scenario", "measured", "req/s", "model", "measured/model", "article",
-                    "blocked", "result"):
+                    "memory", "blocked", "result"):
         assert f"<th>{heading}</th>" in text
     for mode in ("nothing", "almost_all", "all"):
         assert f"<dt>{mode}</dt>" in text
@@ -284,6 +284,7 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert ("Event loop: blocked 3 times (0.6 s in all); top culprit: psycopg2 execute from "
             "only_database_call (2x)") in text
     assert "Event loop: never blocked over 0.1 s" in text
+    assert "<h2>Setups side by side</h2>" in text and text.count('<g class="setup"') == 3
     assert "lab.py:143 sleep_in_database &lt;- lab.py:119 only_database_call" in text
 
 
@@ -337,7 +338,8 @@ class BarCollector(HTMLParser):
         if tag == "svg" and "timeline" in attrs.get("class", "").split():
             self.scenario = attrs["data-scenario"]
             self.bars[self.scenario] = []
-        elif tag == "rect" and "bar" in attrs.get("class", "").split():
+        elif (tag == "rect" and "bar" in attrs.get("class", "").split()
+              and self.scenario is not None):  # not the bars of the side-by-side picture
             self.bars[self.scenario].append(attrs)
 
     def handle_endtag(self, tag):

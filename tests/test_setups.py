@@ -96,10 +96,13 @@ def test_a_blocking_call_in_an_async_view_serialises_and_is_named(slow_url, star
 
 @pytest.mark.parametrize("setup", ["nothing", "all", "threads", "asgi"])
 def test_cpu_work_takes_turns_in_one_process(setup, slow_url, start_lab):
+    """One process runs Python on one core at a time (the GIL, or one event loop): ten
+    requests of 0.1 s of CPU cannot end before 1 s, however many cores are free. (No upper
+    bound: the wall time of CPU work depends on what else the cores run; the bench has it.)"""
     lab_ = start_lab(setup, slow_url, delay=DELAY)
     figures = load(lab_.url + "/cpu/?ms=100")
     assert figures["status_codes"] == {"200": N}
-    assert_model_shape(setup, "cpu", figures["total_s"], p=0.1)
+    assert figures["total_s"] >= lab.model_seconds(setup, "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
     assert figures["total_s"] >= N * 0.1 * 0.97
 
 
@@ -107,7 +110,7 @@ def test_processes_spread_cpu_work_over_the_cores(slow_url, start_lab):
     cores = os.cpu_count()
     lab_ = start_lab("processes", slow_url, delay=DELAY)
     total = load(lab_.url + "/cpu/?ms=100")["total_s"]
-    assert_model_shape("processes", "cpu", total, p=0.1)
+    assert total >= lab.model_seconds("processes", "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
     if cores > 1:
         assert total < N * 0.1 * 0.8, "no overlap across processes"
     workers = report.worker_memory(lab_.popen.pid)
