@@ -173,7 +173,7 @@ def thousand_at_once(services, quick, rows):
             if flags:
                 tools.append(("hey (keep-alive)", with_hey, ()))
         with Lab(services, setup, flags) as running:
-            url = running.url + "/only-http-call/"
+            url = running.url + lab.ROUTES["http"].path
             for tool, measure, extra in tools:
                 workers = running.workers()
                 before = cpu_seconds(workers)
@@ -187,7 +187,7 @@ def thousand_at_once(services, quick, rows):
                              "errors": errors, "worker_cpu_s": round(cpu, 3)})
 
 
-def burst(running, n, c, path="/only-database-call/"):
+def burst(running, n, c, path=lab.ROUTES["db"].path):
     total, errors, figures = with_load_py(running.url + path, n, c)
     time.sleep(report.CONNECTIONS_AFTER_S + 0.3)
     summary = report.connection_summary(
@@ -254,8 +254,8 @@ def idle_left(services, rows):
                 flags += ("--worker-connections", "1000")
             with Lab(services, setup, flags) as running:
                 n = 2 if setup == "nothing" else 20
-                _, _, first = burst(running, n, n, "/only-database-call/?seconds_to_sleep=0.2")
-                _, _, second = burst(running, n, n, "/only-database-call/?seconds_to_sleep=0.2")
+                _, _, first = burst(running, n, n, lab.ROUTES["db"].path + "?seconds_to_sleep=0.2")
+                _, _, second = burst(running, n, n, lab.ROUTES["db"].path + "?seconds_to_sleep=0.2")
             print(f"{setup:<10} {age:>12} {first['peak']:>5} {first['left']:>5} "
                   f"{second['left']:>15}", flush=True)
             rows.append({"part": "idle", "setup": setup, "conn_max_age": int(age), "n": n,
