@@ -2424,7 +2424,8 @@ def print_scale_list(as_json):
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_MAX_CONNECTIONS = EmbeddedPostgres.max_connections
-SAMPLE_PERIOD = 0.02  # seconds between two looks at pg_stat_activity
+SAMPLE_PERIOD = 0.1  # seconds between two looks at pg_stat_activity: each is a query, so not
+# often (every lab of a run samples, idle or not), yet several times per held connection
 
 
 def add_scale_flags(parser):
