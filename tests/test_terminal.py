@@ -21,9 +21,9 @@ import select
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
-import uuid
 
 import psutil
 import pytest
@@ -246,14 +246,15 @@ def test_run_all_hang_up_stops_everything(phase, close, sandbox, terminal):
 
 @pytest.fixture
 def tmux(sandbox):
-    """A tmux server of our own (-L): `tmux("new-session", ...)`; killed at the end."""
+    """A tmux server of our own (-S): `tmux("new-session", ...)`; killed at the end."""
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
-    name = f"awl-test-{uuid.uuid4().hex[:8]}"
+    folder = tempfile.mkdtemp(prefix="awlm-")  # its socket: a path of our own, removed after
+    socket_path = os.path.join(folder, "tmux")
     env = {k: v for k, v in sandbox.env.items() if k not in (MARK, "TMPDIR")}
 
     def run_tmux(*args):
-        return subprocess.run(["tmux", "-L", name, *args], env=env, capture_output=True,
+        return subprocess.run(["tmux", "-S", socket_path, *args], env=env, capture_output=True,
                               text=True, timeout=30, check=False)
 
     def start(args):
@@ -270,6 +271,7 @@ def tmux(sandbox):
     run_tmux.start, run_tmux.screen = start, screen
     yield run_tmux
     run_tmux("kill-server")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("phase", ["postgres-starting", "serving"])
