@@ -132,7 +132,7 @@ class Sandbox:
 
     def alive(self):
         left = []
-        for pid, (created, description) in self.seen.items():
+        for pid, (created, description) in list(self.seen.items()):  # the watcher adds
             try:
                 proc = psutil.Process(pid)
                 if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
@@ -166,7 +166,7 @@ class Sandbox:
     def close(self):
         self._stop.set()
         self._thread.join(5)
-        for pid, (created, _) in self.seen.items():  # never leave strays to the next test
+        for pid, (created, _) in list(self.seen.items()):  # never leave strays to the next test
             try:
                 proc = psutil.Process(pid)
                 if proc.create_time() == created:
@@ -621,9 +621,9 @@ def test_25_workers_boot_against_the_embedded_server(sandbox):
     try:
         wait_serving(proc, timeout=120)
         wait_until(lambda: "".join(proc.err).count("Booting worker") == 25, 60, "25 workers")
-        time.sleep(2)  # the last workers open their pools
-        statuses = [get(proc.url + "/only-database-call/")[0] for _ in range(60)]
-        assert statuses == [200] * 60, statuses
+        time.sleep(1)  # the last workers open their pools
+        statuses = [get(proc.url + "/only-database-call/")[0] for _ in range(40)]
+        assert statuses == [200] * 40, statuses
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -798,7 +798,7 @@ def test_lab_killed_takes_postgres_and_workers_with_it(sandbox):
     proc = start_lab_alone(sandbox, "--workers", "2")
     wait_serving(proc)
     time.sleep(0.5)  # let the watcher see both workers and PostgreSQL's backends
-    kinds = [d for _, d in sandbox.seen.values()]
+    kinds = [d for _, d in list(sandbox.seen.values())]
     assert sum("postgres" in d for d in kinds) >= 2, kinds
     proc.kill()
     proc.wait(10)
