@@ -107,12 +107,15 @@ def test_cpu_work_takes_turns_in_one_process(setup, slow_url, start_lab):
 
 
 def test_processes_spread_cpu_work_over_the_cores(slow_url, start_lab):
+    """Ten processes run CPU work on every core: sent at once, ten requests end well before
+    the same ten sent one after another (both measured now, under whatever else runs)."""
     cores = os.cpu_count()
     lab_ = start_lab("processes", slow_url, delay=DELAY)
     total = load(lab_.url + "/cpu/?ms=100")["total_s"]
     assert total >= lab.model_seconds("processes", "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
     if cores > 1:
-        assert total < N * 0.1 * 0.8, "no overlap across processes"
+        one_by_one = load(lab_.url + "/cpu/?ms=100", N, 1)["total_s"]
+        assert total < 0.75 * one_by_one, ("no overlap across processes", total, one_by_one)
     workers = report.worker_memory(lab_.popen.pid)
     assert workers["workers"] == 10 and workers["rss_bytes"] > 10 * 20 * 2**20, workers
 
