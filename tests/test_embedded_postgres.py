@@ -280,6 +280,26 @@ def test_a_cache_folder_others_may_write_to_is_one_line(box):
     assert box.files() == []
 
 
+@root_only
+def test_initdb_failing_is_one_line_and_leaves_nothing_half_built(box):
+    """A damaged install in the cache (its postgres.bki gone): initdb itself fails."""
+    proc = start_database(box)
+    database_url(proc)
+    stop(box, proc)
+    _, [template], [install] = cache_entries(box.cache)
+    shutil.rmtree(box.cache / template)
+    next((box.cache / install).rglob("postgres.bki")).unlink()
+
+    proc = start_database(box)
+    proc.wait(60)
+    time.sleep(0.2)
+    one_line_error(completed(proc), "lab.py", "could not be created", "initdb: error:",
+                   "postgres.bki")
+    assert not box.wait_all_gone()
+    assert box.files() == [] and box.half_built() == []
+    assert cache_entries(box.cache)[1] == []
+
+
 def completed(proc):
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(proc.out),
                                        "".join(proc.err))
