@@ -28,6 +28,7 @@ from test_faults import (
     Sandbox,
     one_line_error,
     send,
+    wait_for_initdb,
     wait_until,
     warm_cache_fixture,  # noqa: F401 (the session's warm_cache)
 )
@@ -139,16 +140,6 @@ def cache_entries(cache):
     return names, templates, installs
 
 
-def initdb_running(sandbox):
-    for pid in list(sandbox.seen):
-        try:
-            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
-                return True
-        except psutil.Error:
-            pass
-    return False
-
-
 def first_seen(proc, pattern, timeout):
     """Wait for a stderr line matching `pattern`; return when it was seen (monotonic)."""
     wait_until(lambda: re.search(pattern, "".join(proc.err), re.MULTILINE), timeout,
@@ -220,7 +211,7 @@ def test_interrupted_while_building_the_cache_leaves_nothing(box, moment, sig, g
             wait_until(lambda: any("-install-" in p.name for p in box.cache.iterdir()), 60,
                        "the install copy to begin")
         else:
-            wait_until(lambda: initdb_running(box), 60, "initdb")
+            wait_for_initdb(box, 60)
         assert proc.poll() is None, output(proc)
         send(proc, sig, group)
         proc.wait(30)
@@ -237,7 +228,7 @@ def test_interrupted_while_building_the_cache_leaves_nothing(box, moment, sig, g
 
 def test_killed_while_building_the_next_start_clears_what_was_left(box):
     proc = start_database(box)
-    wait_until(lambda: initdb_running(box), 60, "initdb")
+    wait_for_initdb(box, 60)
     proc.kill()
     proc.wait(10)
     assert not box.wait_all_gone(), "initdb outlived lab.py"

@@ -647,17 +647,19 @@ def wait_for_text(proc, text, timeout):
     wait_until(lambda: text in "".join(proc.out), timeout, f"{text!r} on stdout")
 
 
+def initdb_running(box):
+    for pid in list(box.seen):
+        try:
+            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
 def wait_for_initdb(box, timeout):
     """initdb running (the sandbox's cache starts empty, so lab.py builds its template)."""
-    def running():
-        for pid in list(box.seen):
-            try:
-                if "initdb" in " ".join(psutil.Process(pid).cmdline()):
-                    return True
-            except psutil.Error:
-                pass
-        return False
-    wait_until(running, timeout, "initdb")
+    wait_until(lambda: initdb_running(box), timeout, "initdb")
 
 
 RUN_ALL_POINTS = {
