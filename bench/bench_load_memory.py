@@ -12,6 +12,8 @@ peak resident size (VmHWM on Linux, else ru_maxrss):
   big body  --big-mb MB in one response: should stay near the baseline, since
             bodies are read into one 64 KiB buffer and thrown away
   -z run    --seconds at -c 50: grows only with the per-request rows (72 bytes each)
+  -c 1000   a thousand connections at once, each held open for --hold seconds: one thread
+            per connection, each with a 256 KiB stack (load.py's WORKER_STACK)
 """
 
 import argparse
@@ -19,6 +21,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,6 +41,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         url = urlsplit(self.path)
         size = int(url.query) if url.path == "/big" else 3
+        if url.path == "/hold":
+            time.sleep(float(url.query))
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.end_headers()
@@ -51,7 +56,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         pass  # load.py may drop connections at the end of a -z run
@@ -95,6 +100,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20, help="length of the -z run")
     parser.add_argument("--big-mb", type=int, default=200, help="size of the big body")
+    parser.add_argument("--hold", type=float, default=1.0,
+                        help="seconds each of the 1,000 connections is held open")
     opts = parser.parse_args()
 
     server = Server(("127.0.0.1", 0), Handler)
@@ -116,6 +123,13 @@ def main():
     per_request = extra / requests if requests else 0
     print(f"-z {seconds:<6} ({requests} requests at -c 50): {timed:7.1f} MiB peak "
           f"(+{extra / MIB:.1f} over baseline, {per_request:.0f} bytes a request)")
+
+    started = time.perf_counter()
+    thousand, out = run_load("-n", "1000", "-c", "1000", "-t", "60", f"{base}/hold?{opts.hold:g}")
+    seconds = time.perf_counter() - started
+    ok = figure(r"\[200\]\t(\d+) responses", out)
+    print(f"-c 1000    ({ok} held {opts.hold:g} s at once):  {thousand:7.1f} MiB peak "
+          f"(+{thousand - baseline:.1f} over baseline, 1,000 threads; run {seconds:.2f} s)")
     server.shutdown()
 
 
