@@ -359,8 +359,15 @@ def html_page(scenarios, settings):
 
 
 def html_settings(settings):
-    return (f'<p class="settings">{settings["requests"]} requests per scenario, '
-            f'{settings["concurrency"]} at a time, one worker; slow HTTP call and pg_sleep '
+    (n, c), *others = settings["loads"]
+    load = ("each scenario its own n and c" if others
+            else f"{n} requests per scenario, {c} at a time")
+    counts = set(settings["workers"].values())
+    others = ", ".join(f"{setup} {count}" for setup, count in settings["workers"].items()
+                       if count != 1)
+    per_lab = ("one worker" if counts == {1} else f"{counts.pop()} workers per lab"
+               if len(counts) == 1 else f"one worker per lab (workers: {others})")
+    return (f'<p class="settings">{load}, {per_lab}; slow HTTP call and pg_sleep '
             f'{settings["delay"]:g} s each. Run on {escape(settings["date"])}.</p>')
 
 
@@ -399,8 +406,8 @@ def html_scenario(number, s):
     return "\n".join([
         f'<section class="scenario" id="scenario-{number}">',
         f"<h3>{number}. {escape(title)}</h3>",
-        (f"<p>Measured {s['total_s']:.3f} s, model {escape(s['model'])} = "
-         f"{s['model_s']:.2f} s: {escape(result(s))}.</p>"),
+        (f"<p>n = {s['requests']}, c = {s['concurrency']}: measured {s['total_s']:.3f} s, "
+         f"model {escape(s['model'])} = {s['model_s']:.2f} s: {escape(result(s))}.</p>"),
         svg_timeline(s),
         f'<p class="blocking">{escape(describe_blocking(s["setup"], blocking))}</p>',
         (f'<p class="connections">{escape(describe_connections(s["connections"]))}</p>'
@@ -583,9 +590,12 @@ def worker_memory(master):
 
 
 def run_settings(args, scenarios):
-    """What the HTML page says about the run: run_all.sh sends every scenario the same n and c."""
-    return {"requests": scenarios[0]["requests"], "concurrency": scenarios[0]["concurrency"],
-            "delay": args.delay, "date": datetime.now().strftime("%Y-%m-%d %H:%M")}
+    """What the HTML page says about the run: n and c, when every scenario has the same (run_all.sh
+    --scale gives each its own), and how many workers each lab ran."""
+    loads = {(s["requests"], s["concurrency"]) for s in scenarios}
+    workers = {s["setup"]: s["workers"] or s["settings"].get("workers", 1) for s in scenarios}
+    return {"loads": sorted(loads), "workers": workers, "delay": args.delay,
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M")}
 
 
 def main(argv=None):

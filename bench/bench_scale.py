@@ -4,8 +4,9 @@
     python bench/bench_scale.py --quick        # without the 60-second hey run at 50 a worker
 
 1. A thousand at once on the HTTP route (-n 1000 -c 1000), load.py and the real hey side by
-   side: the article's 50 a worker (ceil(1000/50) = 20 rounds), then --worker-connections 1000,
-   one and two workers. The worker's CPU for the run is read from /proc.
+   side: the slow service alone (the floor), the article's 50 a worker (ceil(1000/50) = 20
+   rounds), then --worker-connections 1000 in one worker and 500 in each of two. The CPU the
+   workers and the slow service spent is read from /proc: where the time above h goes.
 2. The most PostgreSQL connections each setup held during a burst on the database route
    (sampled from pg_stat_activity by lab.py --connections), against max_connections = 100.
 3. The pooled setup's totals against ceil(n / max_size) x d, for several pool sizes.
@@ -20,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,44 +149,76 @@ def with_hey(url, n, c, *flags):
     return total, n - ok, None
 
 
-def thousand_at_once(services, quick, rows):
+def timed_runs(url, tool, repeat, pids, slow_pid):
+    """Run the tool `repeat` times; the median total, the errors, and the median CPU seconds
+    the lab's workers and the slow service spent per run."""
+    measure, extra = TOOLS[tool]
+    runs = []
+    for _ in range(repeat):
+        before, slow_before = cpu_seconds(pids), cpu_seconds([slow_pid])
+        total, errors, _ = measure(url, 1000, 1000, *extra)
+        runs.append((total, errors, cpu_seconds(pids) - before,
+                     cpu_seconds([slow_pid]) - slow_before))
+        time.sleep(1)  # the closed connections leave TIME_WAIT before the next run
+    totals = sorted(run[0] for run in runs)
+    return {"total_s": statistics.median(totals), "min_s": totals[0], "max_s": totals[-1],
+            "errors": sum(run[1] for run in runs),
+            "worker_cpu_s": round(statistics.median(run[2] for run in runs), 3),
+            "slow_server_cpu_s": round(statistics.median(run[3] for run in runs), 3)}
+
+
+TOOLS = {"load.py": (with_load_py, ()), "hey": (with_hey, ()),
+         "hey -disable-keepalive": (with_hey, ("-disable-keepalive",))}
+
+
+def thousand_at_once(services, quick, repeat, rows):
     print("\n1. A thousand at once on the HTTP route: -n 1000 -c 1000, h =",
-          f"{services.delay:g} s")
-    print(f"{'lab':<48} {'tool':<22} {'total':>8} {'model':>7} {'errors':>6} {'worker CPU':>10}")
-    have_hey = shutil.which("hey") is not None
-    if not have_hey:
+          f"{services.delay:g} s; median of {repeat} runs [min-max]; CPU seconds per run")
+    print(f"{'what':<40} {'tool':<22} {'total':>20} {'model':>6} {'errors':>6} "
+          f"{'workers':>8} {'slow':>6}")
+    tools = ["load.py"]
+    if shutil.which("hey"):
+        tools.append("hey")
+    else:
         print("  (hey is not installed: apt-get install hey)")
+
+    def show(name, tool, model, figures):
+        spread = f"{figures['total_s']:.2f} [{figures['min_s']:.2f}-{figures['max_s']:.2f}] s"
+        workers = f"{figures['worker_cpu_s']:.2f}" if figures["worker_cpu_s"] else "-"
+        print(f"{name:<40} {tool:<22} {spread:>20} {model:>4.1f} s {figures['errors']:>6} "
+              f"{workers:>8} {figures['slow_server_cpu_s']:>6.2f}", flush=True)
+
+    # The floor: the slow service alone, 1,000 at once from the same tools.
+    alone = services.slow_url + "/api/v1/movies"
+    for tool in tools:
+        figures = timed_runs(alone, tool, repeat, [], services.slow.pid)
+        show("slow_server.py alone", tool, services.delay, figures)
+        rows.append({"part": "thousand", "setup": "slow_server.py alone", "flags": [],
+                     "tool": tool, "model_s": services.delay, **figures})
     configs = [("almost_all", ()),
                ("all", ("--worker-connections", "1000")),
-               ("all", ("--worker-connections", "1000", "--http-pool", "1000")),
-               ("all", ("--worker-connections", "500", "--workers", "2",
-                        "--http-pool", "500"))]
+               ("all", ("--worker-connections", "500", "--workers", "2"))]
     for setup, flags in configs:
         settings = {"worker_connections": int(flags[1]) if flags else 50,
                     "workers": int(flags[flags.index("--workers") + 1])
                     if "--workers" in flags else 1}
         model = lab.model_seconds(setup, "http", 1000, 1000, services.delay, services.delay,
                                   settings=settings)
-        tools = [("load.py", with_load_py, ())]
-        if have_hey:
-            if not flags and not quick:
-                tools.append(("hey (keep-alive)", with_hey, ()))
-            tools.append(("hey -disable-keepalive", with_hey, ("-disable-keepalive",)))
-            if flags:
-                tools.append(("hey (keep-alive)", with_hey, ()))
+        # At 50 a worker (20 rounds) one run is enough, and hey's keep-alive holds each slot
+        # for Gunicorn's keepalive after its response: 3 times as long, shown unless --quick.
+        runs = 1 if not flags else repeat
+        setup_tools = ["load.py", "hey -disable-keepalive"] if not flags else tools
+        if not flags and not quick and "hey" in tools:
+            setup_tools.append("hey")
         with Lab(services, setup, flags) as running:
             url = running.url + lab.ROUTES["http"].path
-            for tool, measure, extra in tools:
-                workers = running.workers()
-                before = cpu_seconds(workers)
-                total, errors, _ = measure(url, 1000, 1000, *extra)
-                cpu = cpu_seconds(workers) - before
-                name = f"{setup} {' '.join(flags) or '(50 a worker)'}"
-                print(f"{name:<48} {tool:<22} {total:>6.2f} s {model:>5.1f} s {errors:>6} "
-                      f"{cpu:>8.2f} s", flush=True)
+            for tool in setup_tools:
+                if tool.startswith("hey") and "hey" not in tools:
+                    continue
+                figures = timed_runs(url, tool, runs, running.workers(), services.slow.pid)
+                show(f"{setup} {' '.join(flags) or '(50 a worker)'}", tool, model, figures)
                 rows.append({"part": "thousand", "setup": setup, "flags": list(flags),
-                             "tool": tool, "total_s": total, "model_s": model,
-                             "errors": errors, "worker_cpu_s": round(cpu, 3)})
+                             "tool": tool, "model_s": model, **figures})
 
 
 def burst(running, n, c, path=lab.ROUTES["db"].path):
@@ -268,6 +302,8 @@ def main(argv=None):
     parser.add_argument("--delay", type=float, default=1.0, help="h and d, seconds")
     parser.add_argument("--quick", action="store_true",
                         help="skip hey with keep-alive at 50 a worker (about 60 s)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each 1,000-at-once measurement (the median is shown)")
     parser.add_argument("--only", choices=("thousand", "connections", "pooled", "idle"),
                         action="append", help="run only these parts")
     parser.add_argument("--json", metavar="FILE", help="also write every row as JSON")
@@ -278,7 +314,7 @@ def main(argv=None):
     rows = []
     try:
         if "thousand" in parts:
-            thousand_at_once(services, args.quick, rows)
+            thousand_at_once(services, args.quick, args.repeat, rows)
         if "connections" in parts:
             peak_connections(services, rows)
         if "pooled" in parts:

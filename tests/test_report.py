@@ -273,7 +273,10 @@ def test_the_page_is_one_file_that_fetches_nothing(page):
 def test_the_page_has_settings_table_notes_and_blocking(page):
     text = page.read_text()
     assert "<title>Async Workers Lab" in text
-    assert "4 requests per scenario, 1 at a time" in text  # the first scenario's n and c
+    # The scenarios' n and c differ (as with run_all.sh --scale): each heading says its own.
+    assert "each scenario its own n and c, one worker;" in text
+    for n, c, *_ in SCENARIOS.values():
+        assert f"<p>n = {n}, c = {c}: measured " in text
     assert f"pg_sleep {DELAY:g} s each" in text
     for heading in ("scenario", "measured", "req/s", "model", "measured/model", "article",
                     "memory", "blocked", "result"):
