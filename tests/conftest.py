@@ -161,3 +161,22 @@ def load(url, n=10, c=10, *extra):
                  timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def warm_cache():
+    """A lab.py cache folder with its template built, once for the session: for runs that
+    must not spend their first seconds in initdb (tests that only copy the template; those
+    about building it start from an empty cache of their own)."""
+    from test_faults import Sandbox, wait_until
+
+    box = Sandbox()
+    try:
+        proc = box.popen([PY, "lab.py", "--database-only"])
+        wait_until(lambda: any(line.startswith("DATABASE_URL=") for line in proc.out), 120,
+                   "the embedded PostgreSQL")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        yield box.cache
+    finally:
+        box.close()

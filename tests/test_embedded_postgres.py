@@ -30,7 +30,6 @@ from test_faults import (
     send,
     wait_for_initdb,
     wait_until,
-    warm_cache_fixture,  # noqa: F401 (the session's warm_cache)
 )
 
 import lab

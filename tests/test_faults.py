@@ -184,22 +184,6 @@ def sandbox():
     box.close()
 
 
-@pytest.fixture(scope="session", name="warm_cache")
-def warm_cache_fixture():
-    """A lab.py cache folder with its template built: for runs that must not spend their
-    first seconds in initdb."""
-    box = Sandbox()
-    try:
-        proc = box.popen([PY, "lab.py", "--database-only"])
-        wait_until(lambda: any(line.startswith("DATABASE_URL=") for line in proc.out), 120,
-                   "the embedded PostgreSQL")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        yield box.cache
-    finally:
-        box.close()
-
-
 def pgserver_postgres():
     """PostgreSQL processes owned by the embedded server's system user (as root)."""
     found = set()
