@@ -1024,6 +1024,11 @@ def main(argv=None):
         run = run_load(opts, show_progress=sys.stderr.isatty())
     except UsageError as exc:
         return _usage_error(exc)
+    if threading.current_thread() is threading.main_thread():
+        # The run is over: a Ctrl-C now would only cut the report (and --save) short with a
+        # KeyboardInterrupt traceback, even during the interpreter's exit. It is ignored, as
+        # after an interrupted run; the report takes a moment.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     summary = summarize(run.rows(), run.total, url=opts.url, method=opts.m,
                         concurrency=opts.c, interrupted=run.interrupted,
                         overflow=run.overflow(), started_at=run.started_at)

@@ -131,28 +131,55 @@ def start_slow_server(tmp_path):
         server.stop()
 
 
+def launch_lab(folder, database_url, mode, slow_url, delay=0.2, extra=()):
+    """`lab.py --setup SETUP` (the article's --patch modes are setups too) on a free port,
+    started: wait_until_answering tells when it is ready, stop_lab stops it."""
+    port = free_port()
+    lab = Process(["lab.py", "--setup", mode, "--bind", f"127.0.0.1:{port}",
+                   "--slow-url", slow_url, "--delay", str(delay), *extra],
+                  folder / f"lab-{mode}-{port}.log",
+                  env={**os.environ, "DATABASE_URL": database_url})
+    lab.url = f"http://127.0.0.1:{port}"
+    return lab
+
+
+def wait_until_ready(lab):
+    lab.wait_until_answering(lab.url + "/healthcheck/readiness")  # every worker booted
+
+
+def stop_lab(lab):
+    """Stop it (SIGTERM) and check its log."""
+    lab.stop()
+    assert "Traceback" not in lab.output, lab.output
+    assert "MonkeyPatchWarning" not in lab.output, lab.output
+
+
 @pytest.fixture
 def start_lab(tmp_path, database_url):
-    """Start `lab.py --setup SETUP` (the article's --patch modes are setups too) on a free port;
-    on teardown, stop it and check its log."""
+    """Start `lab.py --setup SETUP` on a free port; on teardown, stop it and check its log."""
     started = []
 
     def start(mode, slow_url, delay=0.2, extra=(), database=None):
-        port = free_port()
-        lab = Process(["lab.py", "--setup", mode, "--bind", f"127.0.0.1:{port}",
-                       "--slow-url", slow_url, "--delay", str(delay), *extra],
-                      tmp_path / f"lab-{mode}-{port}.log",
-                      env={**os.environ, "DATABASE_URL": database or database_url})
-        lab.url = f"http://127.0.0.1:{port}"
+        lab = launch_lab(tmp_path, database or database_url, mode, slow_url, delay, extra)
         started.append(lab)  # stopped at teardown, even if it never gets ready
-        lab.wait_until_answering(lab.url + "/healthcheck/readiness")  # every worker booted
+        wait_until_ready(lab)
         return lab
 
     yield start
     for lab in started:
-        lab.stop()
-        assert "Traceback" not in lab.output, lab.output
-        assert "MonkeyPatchWarning" not in lab.output, lab.output
+        stop_lab(lab)
+
+
+def module_lab(tmp_path_factory, database_url, mode, slow_url, delay=0.2, extra=()):
+    """For a module-scoped fixture (`yield from`): one lab that several tests only send
+    requests to; stopped and its log checked after the module's last test."""
+    lab = launch_lab(tmp_path_factory.mktemp(f"lab-{mode}"), database_url, mode, slow_url,
+                     delay, extra)
+    try:
+        wait_until_ready(lab)
+        yield lab
+    finally:
+        stop_lab(lab)
 
 
 def load(url, n=10, c=10, *extra):
@@ -161,3 +188,22 @@ def load(url, n=10, c=10, *extra):
                  timeout=120)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="session")
+def warm_cache():
+    """A lab.py cache folder with its template built, once for the session: for runs that
+    must not spend their first seconds in initdb (tests that only copy the template; those
+    about building it start from an empty cache of their own)."""
+    from test_faults import Sandbox, wait_until
+
+    box = Sandbox()
+    try:
+        proc = box.popen([PY, "lab.py", "--database-only"])
+        wait_until(lambda: any(line.startswith("DATABASE_URL=") for line in proc.out), 120,
+                   "the embedded PostgreSQL")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        yield box.cache
+    finally:
+        box.close()

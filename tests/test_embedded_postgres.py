@@ -30,7 +30,6 @@ from test_faults import (
     send,
     wait_for_initdb,
     wait_until,
-    warm_cache_fixture,  # noqa: F401 (the session's warm_cache)
 )
 
 import lab
@@ -51,6 +50,13 @@ def box():
 
 def use_cache(sandbox, cache):
     sandbox.env["AWL_CACHE_DIR"] = str(cache)
+
+
+def fill_cache(sandbox, cache):
+    """The sandbox's own cache, a copy of `cache` (the session's warm one): for a test that
+    alters the entries, without an initdb to make them first."""
+    for entry in cache.iterdir():
+        shutil.copytree(entry, sandbox.cache / entry.name, symlinks=True)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -243,10 +249,8 @@ def test_killed_while_building_the_next_start_clears_what_was_left(box):
     stop(box, proc)
 
 
-def test_cache_entries_others_may_write_to_are_made_again(box):
-    proc = start_database(box)
-    database_url(proc)
-    stop(box, proc)
+def test_cache_entries_others_may_write_to_are_made_again(box, warm_cache):
+    fill_cache(box, warm_cache)
     _, [template], installs = cache_entries(box.cache)
     entries = [box.cache / name for name in [template, *installs]]
     for entry in entries:
@@ -272,11 +276,9 @@ def test_a_cache_folder_others_may_write_to_is_one_line(box):
 
 
 @root_only
-def test_initdb_failing_is_one_line_and_leaves_nothing_half_built(box):
+def test_initdb_failing_is_one_line_and_leaves_nothing_half_built(box, warm_cache):
     """A damaged install in the cache (its postgres.bki gone): initdb itself fails."""
-    proc = start_database(box)
-    database_url(proc)
-    stop(box, proc)
+    fill_cache(box, warm_cache)
     _, [template], [install] = cache_entries(box.cache)
     shutil.rmtree(box.cache / template)
     next((box.cache / install).rglob("postgres.bki")).unlink()

@@ -184,22 +184,6 @@ def sandbox():
     box.close()
 
 
-@pytest.fixture(scope="session", name="warm_cache")
-def warm_cache_fixture():
-    """A lab.py cache folder with its template built: for runs that must not spend their
-    first seconds in initdb."""
-    box = Sandbox()
-    try:
-        proc = box.popen([PY, "lab.py", "--database-only"])
-        wait_until(lambda: any(line.startswith("DATABASE_URL=") for line in proc.out), 120,
-                   "the embedded PostgreSQL")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-        yield box.cache
-    finally:
-        box.close()
-
-
 def pgserver_postgres():
     """PostgreSQL processes owned by the embedded server's system user (as root)."""
     found = set()
@@ -610,9 +594,10 @@ def test_pools_fit_in_the_connections_postgresql_allows():
     assert lab.fit_db_pool(10, 25, {}) == 10  # unknown limits: as asked
 
 
-def test_25_workers_boot_against_the_embedded_server(sandbox):
+def test_25_workers_boot_against_the_embedded_server(sandbox, warm_cache):
     """25 workers x --db-pool 10 is 250 idle connections; the embedded server allows 200, less
     3 for superusers. Each worker keeps 7, says one line, and every request is served."""
+    sandbox.env["AWL_CACHE_DIR"] = str(warm_cache)
     port = free_port()
     proc = sandbox.popen([PY, "lab.py", "--workers", "25", "--bind", f"127.0.0.1:{port}",
                           "--slow-url", f"http://127.0.0.1:{free_port()}", "--delay", "0"],
@@ -663,7 +648,7 @@ def wait_for_initdb(box, timeout):
 
 
 RUN_ALL_POINTS = {
-    # name: (how to wait for the moment, signal, whole group?, expected phase)
+    # name: (how to wait for the moment, signal, whole group?, expected phase[, run_all flags])
     "0.3s-term": (lambda p, b: time.sleep(0.3), signal.SIGTERM, False, r"set-up"),
     "pg-initdb-ctrl-c": (lambda p, b: wait_for_initdb(b, 60), signal.SIGINT, True,
                          r"set-up \(starting the slow service and PostgreSQL\)"),
@@ -674,21 +659,23 @@ RUN_ALL_POINTS = {
     "scenario-term": (lambda p, b: (wait_for_text(p, "=== nothing / both", 60),
                                     time.sleep(1.5)),
                       signal.SIGTERM, False, r"scenario nothing / both"),
+    # After the first scenario: fewer requests reach it sooner (the sync one takes n rounds).
     "between-ctrl-c": (lambda p, b: wait_for_text(p, "Summary:", 60), signal.SIGINT, True,
-                       r"scenario (nothing|almost_all) / both"),
+                       r"scenario (nothing|almost_all) / both", ["-n", "2", "-c", "2"]),
     "mid-run-term": (lambda p, b: (wait_for_text(p, "=== almost_all / both", 120),
                                    time.sleep(1)),
-                     signal.SIGTERM, False, r"scenario almost_all / both"),
+                     signal.SIGTERM, False, r"scenario almost_all / both", ["-n", "4", "-c", "4"]),
 }
 
 
 @pytest.mark.parametrize("point", list(RUN_ALL_POINTS))
 def test_run_all_interrupted_leaves_nothing_behind(point, sandbox, warm_cache):
-    wait, sig, group, phase = RUN_ALL_POINTS[point]
+    wait, sig, group, phase, *flags = RUN_ALL_POINTS[point]
     if point != "pg-initdb-ctrl-c":  # the others must reach their phase in time
         sandbox.env["AWL_CACHE_DIR"] = str(warm_cache)
     postgres_before = pgserver_postgres()
-    proc = sandbox.popen(["./run_all.sh", "--delay", "0.3"], new_session=True)
+    proc = sandbox.popen(["./run_all.sh", "--delay", "0.3", *(flags[0] if flags else [])],
+                         new_session=True)
     try:
         wait(proc, sandbox)
         assert proc.poll() is None, "".join(proc.err)
@@ -756,8 +743,10 @@ def postgres_started(sandbox):
 
 
 @pytest.mark.parametrize("point", list(LAB_POINTS))
-def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox):
+def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox, warm_cache):
     moment, sig, group = LAB_POINTS[point]
+    if moment == "serving":  # interrupted long after the cache was built: no initdb first
+        sandbox.env["AWL_CACHE_DIR"] = str(warm_cache)
     proc = start_lab_alone(sandbox)
     try:
         if moment == "serving":
@@ -796,7 +785,8 @@ def test_embedded_postgres_that_cannot_start_is_one_line(sandbox):
     assert sandbox.files() == [], sandbox.files()
 
 
-def test_lab_killed_takes_postgres_and_workers_with_it(sandbox):
+def test_lab_killed_takes_postgres_and_workers_with_it(sandbox, warm_cache):
+    sandbox.env["AWL_CACHE_DIR"] = str(warm_cache)
     proc = start_lab_alone(sandbox, "--workers", "2")
     wait_serving(proc)
     time.sleep(0.5)  # let the watcher see both workers and PostgreSQL's backends
@@ -932,7 +922,8 @@ def test_no_password_on_any_command_line_during_a_run(sandbox, database_url):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    proc = sandbox.popen(["./run_all.sh", "--delay", "0.05"])
+    # Every command the run starts, to the report; two requests a scenario are enough for that.
+    proc = sandbox.popen(["./run_all.sh", "--delay", "0.05", "-n", "2", "-c", "2"])
     try:
         proc.wait(300)
     finally:

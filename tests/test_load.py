@@ -447,6 +447,25 @@ def test_ctrl_c_prints_the_report_and_exits_130(server):
     assert "  [200]\t" in out
 
 
+def test_ctrl_c_once_the_report_is_printing_is_no_traceback(server, tmp_path):
+    """The run is over and the report is being written (run_all.sh's Ctrl-C "between"
+    scenarios lands here): the report is finished, with no KeyboardInterrupt traceback."""
+    saved = tmp_path / "figures.json"
+    proc = subprocess.Popen([sys.executable, "load.py", "-n", "2", "-c", "2", "--timeline",
+                             "--save", str(saved), f"{server}/sleep?s=0.01"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = b""
+    while b"Summary:" not in out:
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        assert chunk, out
+        out += chunk
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=10)
+    assert "Traceback" not in err.decode(), err.decode()
+    assert proc.returncode == 0 and b"Timeline" in out + rest
+    assert json.loads(saved.read_text())["status_codes"] == {"200": 2}
+
+
 def test_timeline_of_requests_sent_together_but_answered_in_turn_is_a_staircase():
     # Sent microseconds apart in an order unrelated to when they finished, as with -c 10.
     rows = [(0.0001 * i, float(end), 200) for i, end in enumerate([3, 1, 4, 10, 5, 9, 2, 6, 8, 7])]

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, get, load
+from conftest import ROOT, get, load, module_lab
 
 sys.path.insert(0, str(ROOT))
 
@@ -137,10 +137,15 @@ def test_cpu_work_under_gevent_delays_other_requests_and_is_named(slow_url, star
     assert cpu_blocks[0]["seconds"] >= 0.8
 
 
+@pytest.fixture(scope="module")
+def threads_lab(tmp_path_factory, database_url, slow_url):
+    """One lab for the refused amounts: each is a 400 before any work is done."""
+    yield from module_lab(tmp_path_factory, database_url, "threads", slow_url, delay=DELAY)
+
+
 @pytest.mark.parametrize("raw", ["-1", "abc", "10001", "1e3", "%D9%A3"])  # the last: Arabic 3
-def test_cpu_route_refuses_odd_amounts(raw, slow_url, start_lab):
-    lab_ = start_lab("threads", slow_url, delay=DELAY)
-    status, body = get(lab_.url + f"/cpu/?ms={raw}")
+def test_cpu_route_refuses_odd_amounts(raw, threads_lab):
+    status, body = get(threads_lab.url + f"/cpu/?ms={raw}")
     assert status == 400 and "ms must be" in body["error"], body
 
 
