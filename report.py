@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections import Counter
 from datetime import datetime
 from html import escape
@@ -157,20 +158,43 @@ def read_events(path, kind="blocked"):
 CONNECTIONS_AFTER_S = 0.5  # "left behind": what the lab still holds this long after the burst
 
 
-def connections_of(path, setup, figures):
+def connections_of(path, setup, figures, until=None):
     """The lab's PostgreSQL connections during the scenario's run, from SETUP.connections
-    beside its figures; None where none were sampled."""
+    beside its figures; None where none were sampled. What was left after the burst counts
+    only if the lab was left alone long enough: until its next scenario, or until it stopped
+    (run_all.sh --scale waits for it; the default run does not)."""
     samples = Path(path).with_name(f"{setup}.connections")
     if not samples.exists():
         return None
     window = (figures.get("started_at", 0), figures.get("ended_at", math.inf))
-    return connection_summary(read_events(samples, "connections"), window)
+    if until is None:
+        until = quiet_until(path, setup)
+    return connection_summary(read_events(samples, "connections"), window, until)
 
 
-def connection_summary(records, window):
+def quiet_until(path, setup):
+    """When the lab was next busy after this scenario: its next scenario's start, or the moment
+    run_all.sh stopped the labs (the file `stopped_at` beside the figures)."""
+    number = int(Path(path).name.split("-", 1)[0])
+    later = []
+    for other in Path(path).parent.glob(f"*-{setup}-*.json"):
+        name = other.name.split("-", 1)[0]
+        if name.isdigit() and int(name) > number and scenario_name(other)[0] == setup:
+            later.append(read_figures(other).get("started_at", math.inf))
+    stopped = Path(path).with_name("stopped_at")
+    if stopped.exists():
+        try:  # bash's $EPOCHREALTIME has the locale's decimal mark
+            later.append(float(stopped.read_text().strip().replace(",", ".")))
+        except ValueError:
+            pass
+    return min(later, default=math.inf)
+
+
+def connection_summary(records, window, until=math.inf):
     """{"peak": most held at once, "peak_active": most running a query at once, "left": held
-    CONNECTIONS_AFTER_S after the burst, "left_idle": of which idle}. The sampler writes a
-    record when the count changes, so the count at a moment is the last record before it."""
+    CONNECTIONS_AFTER_S after the burst, "left_idle": of which idle (None when the lab was busy
+    again, or stopped, before then)}. The sampler writes a record when the count changes, so the
+    count at a moment is the last record before it."""
     records = sorted(records, key=lambda r: r["at"])
 
     def state_at(moment):
@@ -179,7 +203,8 @@ def connection_summary(records, window):
     seen = [r for r in records if window[0] <= r["at"] <= window[1]]
     before = state_at(window[0])
     seen += [before] if before else []
-    left = state_at(window[1] + CONNECTIONS_AFTER_S)
+    after = window[1] + CONNECTIONS_AFTER_S
+    left = state_at(after) if after <= until else None
     return {"peak": max((r["held"] for r in seen), default=None),
             "peak_active": max((r["active"] for r in seen), default=None),
             "left": left and left["held"], "left_idle": left and left["idle"]}
@@ -188,9 +213,11 @@ def connection_summary(records, window):
 def describe_connections(connections):
     if connections is None or connections["peak"] is None:
         return "PostgreSQL connections: (not sampled)"
-    return (f"PostgreSQL connections: {connections['peak']} held at most "
-            f"({connections['peak_active']} in a query); {connections['left']} left open after "
-            f"the burst ({connections['left_idle']} idle)")
+    line = (f"PostgreSQL connections: {connections['peak']} held at most "
+            f"({connections['peak_active']} in a query)")
+    if connections["left"] is None:  # not measured: the next burst came first
+        return line
+    return f"{line}; {connections['left']} left open after the burst ({connections['left_idle']} idle)"
 
 
 def blocking_summary(records, window=(0, math.inf)):
@@ -557,7 +584,9 @@ def print_blocking(argv):
     setup, _ = scenario_name(args.figures)
     figures = read_figures(args.figures)
     line = describe_blocking(setup, blocking_of(args.figures, setup, figures))
-    connections = connections_of(args.figures, setup, figures)
+    # What the sampler has seen so far: its last look may be up to one period old.
+    connections = connections_of(args.figures, setup, figures,
+                                 until=time.time() - lab.SAMPLE_PERIOD)
     if connections is not None:
         line += "\n" + describe_connections(connections)
     if args.lab_pid:

@@ -336,7 +336,8 @@ for line in "${plan[@]}"; do
     --save "$work/$name.json" "http://127.0.0.1:${lab_port[$setup]}$path" >&$out
   wait_for "${children[-1]}" || true
   [[ -s $work/$name.json ]] || die "load.py saved no figures for $setup / $route"
-  sleep 0.6  # for the connections left open after the burst (report.py reads 0.5 s after)
+  # At scale, what the burst left open is the lesson: give it the 0.5 s report.py reads it at.
+  ((scale)) && sleep 0.6
   start "$PY" report.py blocking "$work/$name.json" --lab-pid "${lab_pid[$setup]}" >&$out
   wait_for "${children[-1]}" || true
 done
@@ -345,6 +346,7 @@ done
 phase="the report"
 # Everything stops while the table is made; the labs at once (SIGINT: Gunicorn's quick stop),
 # since nothing is in flight any more.
+printf '%s\n' "${EPOCHREALTIME:-$(date +%s.%N)}" >"$work/stopped_at"  # see report.py quiet_until
 kill -INT "${lab_pids[@]}" 2>/dev/null || true
 kill -TERM "$slow_pid" ${db_pid:+"$db_pid"} 2>/dev/null || true
 status=0
