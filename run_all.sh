@@ -259,6 +259,22 @@ wait_until_healthy() {  # NAME URL PID LOG, repeated
   wait_for "${children[-1]}" || exit 1
 }
 
+# Each lab's settings where this run changes them (--scale, --workers), as JSON beside its
+# figures (SETUP.settings): report.py's model reads them.
+write_settings() {
+  "$PY" - "$work" "$scale" "$workers" "${!lab_port[@]}" <<'EOF'
+import json, sys
+from pathlib import Path
+import lab
+work, scale, workers, *setups = sys.argv[1:]
+for setup in setups:
+    settings = lab.scale_settings(setup) if scale == "1" else {}
+    if workers:
+        settings["workers"] = int(workers)
+    Path(work, f"{setup}.settings").write_text(json.dumps(settings))
+EOF
+}
+
 # --- the services, all started at once -------------------------------------------------------
 out=1
 ((json)) && out=2  # with --json, stdout carries only the JSON lines
@@ -273,6 +289,7 @@ if [[ -z ${DATABASE_URL:-} ]]; then
   ((scale)) && limit=(--max-connections "$("$PY" -c 'import lab; print(lab.SCALE_MAX_CONNECTIONS)')")
   start "$PY" lab.py --database-only "${limit[@]}" >"$work/database.out" 2>"$work/database.log"
   db_pid=${children[-1]}
+  write_settings  # while PostgreSQL starts
   DATABASE_URL=
   until [[ -n $DATABASE_URL ]]; do
     [[ -s $work/database.out ]] && IFS='=' read -r _ DATABASE_URL <"$work/database.out"
@@ -284,6 +301,8 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     }
     sleep 0.02
   done
+else
+  write_settings
 fi
 export DATABASE_URL  # to the labs in their environment: a command line is visible in ps
 
@@ -292,14 +311,10 @@ health=(slow_server.py "$slow_url/healthz" "$slow_pid" "$work/slow_server.log")
 lab_pids=()
 declare -A lab_pid=()
 for setup in "${!lab_port[@]}"; do
-  # The lab's flags (--scale), also kept as JSON for report.py's model; every lab's
+  # The lab's flags (--scale; kept as JSON in SETUP.settings, above); every lab's
   # PostgreSQL connections sampled to SETUP.connections.
   read -ra flags <<<"${lab_flags[$setup]}"
   [[ -z $workers ]] || flags+=(--workers "$workers")
-  "$PY" -c 'import json, lab, sys
-settings = lab.scale_settings(sys.argv[1]) if sys.argv[2] == "1" else {}
-print(json.dumps({**settings, **({"workers": int(sys.argv[3])} if sys.argv[3] else {})}))
-' "$setup" "$scale" "$workers" >"$work/$setup.settings"
   start "$PY" lab.py --setup "$setup" --bind "127.0.0.1:${lab_port[$setup]}" \
     --slow-url "$slow_url" --delay "$delay" --events "$work/$setup.events" \
     --connections "$work/$setup.connections" "${flags[@]}" \
