@@ -305,8 +305,7 @@ SETUPS.update({
         why="The trap: psycopg 3 imported before gevent patches (here in Gunicorn's master, "
             "as a config file or --preload does) keeps its C wait function, which blocks the "
             "hub: queries run one at a time, as with psycopg2 in almost_all.",
-        model={"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
-               "*": "rounds*t"},
+        model=SETUPS["almost_all"].model,
         driver="psycopg",
         on_starting=import_psycopg_in_master,
     ),
