@@ -1,0 +1,111 @@
+"""Processes: nothing the lab or a run starts outlives it.
+
+Three tools from Linux, used by lab.py's kit and by run_all alike:
+
+- the parent-death signal (prctl PR_SET_PDEATHSIG): the kernel signals a child when its parent
+  dies, even by SIGKILL, which no handler sees;
+- /proc/PID/stat: whether a process still runs (not a zombie), its parent, its CPU time and
+  its start time (a PID is reused, a PID with its start time is not);
+- owner notes: a JSON file in each folder we create naming the process that made it, so that
+  the next start can remove what a kill -9 left behind.
+"""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from lab import die_with_parent
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def child_setup(death_signal):
+    """What a child runs between fork and exec, after any switch of user (which would clear
+    the death signal): take the stop signals its parent held back, and die with its parent."""
+
+    def setup():
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        die_with_parent(death_signal)
+
+    return setup
+
+
+def proc_stat(pid):
+    """/proc/PID/stat as {"state", "ppid", "cpu_s", "start_time"}, None if the process is gone.
+
+    The command name (field 2) may hold spaces and parentheses: the fields after it are read
+    from the last ")". start_time is in clock ticks after boot (field 22)."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError, TypeError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return {"state": fields[0], "ppid": int(fields[1]),
+            "cpu_s": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+            "start_time": int(fields[19])}
+
+
+def alive(pid):
+    """The process runs (a zombie has ended: only its exit status is left)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat["state"] not in "ZX"
+
+
+def process_start_time(pid):
+    """When `pid` started, None if it is gone or a zombie: with the PID, one process."""
+    stat = proc_stat(pid)
+    return None if stat is None or stat["state"] in "ZX" else stat["start_time"]
+
+
+def owner_note():
+    """This process: PID and start time, and the boot and PID namespace they are valid in."""
+    def read(reader):
+        try:
+            return reader()
+        except OSError:
+            return None
+
+    return {"pid": os.getpid(), "start_time": process_start_time(os.getpid()),
+            "boot_id": read(lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip()),
+            "pid_namespace": read(lambda: os.readlink("/proc/self/ns/pid"))}
+
+
+def owner_gone(note, me=None):
+    """True only when the owner a note names has surely ended (`me`: our owner_note()). A note
+    from another PID namespace (a container sharing the folder) is never called gone."""
+    me = me or owner_note()
+    try:
+        if note["boot_id"] != me["boot_id"]:
+            return note["boot_id"] is not None and me["boot_id"] is not None  # rebooted since
+        if note["pid_namespace"] != me["pid_namespace"]:
+            return False
+        return process_start_time(note["pid"]) != note["start_time"]
+    except (KeyError, TypeError):
+        return False
+
+
+def folder_owner_gone(folder, name, me=None):
+    """owner_gone() for the note `name` in `folder`; False when it cannot be read (an older
+    lab's folder, or one whose owner is writing it right now)."""
+    try:
+        return owner_gone(json.loads((Path(folder) / name).read_text()), me)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def drop_unwritable_output(streams=None):
+    """After a hang-up, writes to the terminal fail (EIO) and what they held stays buffered:
+    Python would fail again flushing it at exit and exit with status 120. Send it nowhere."""
+    import sys
+
+    for stream in streams or (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+                stream.flush()
+            except (OSError, ValueError):
+                pass
