@@ -25,6 +25,7 @@ from html import escape
 from pathlib import Path
 
 import lab
+from labkit import checks, plan, sampler
 
 PROG = "report.py"
 
@@ -58,7 +59,7 @@ def read_figures(path):
 
 
 def article_total(setup, route):
-    return next((total for s, r, total in lab.SCENARIOS if (s, r) == (setup, route)), None)
+    return next((total for s, r, total in plan.SCENARIOS if (s, r) == (setup, route)), None)
 
 
 def load_scenario(path, delay):
@@ -67,7 +68,7 @@ def load_scenario(path, delay):
     figures = read_figures(path)
     n, c = figures["requests"], figures["concurrency"]
     settings = read_settings(path, setup)
-    model = lab.model_seconds(setup, route, n, c, delay, delay, settings=settings)
+    model = plan.model_seconds(setup, route, n, c, delay, delay, settings=settings)
     article = article_total(setup, route) if (n, c, delay) == (10, 10, 1.0) else None
     return {
         "mode": setup,
@@ -79,7 +80,7 @@ def load_scenario(path, delay):
         "delay": delay,
         "total_s": figures["total_s"],
         "rps": figures["rps"],
-        "model": lab.model_formula(setup, route),
+        "model": plan.model_formula(setup, route),
         "model_s": round(model, 6),
         "settings": settings,
         "article_s": article,
@@ -127,7 +128,7 @@ def timeline(figures):
 
 
 def has_event_loop(setup):
-    return lab.SETUPS[setup].worker_class in lab.EVENT_LOOP_WORKERS
+    return lab.SERVERS[lab.SETUPS[setup].server].event_loop is not None
 
 
 def blocking_of(path, setup, figures):
@@ -248,11 +249,11 @@ def block_in_words(record):
 def describe_blocking(setup, blocking):
     """The one line run_all.sh prints after each scenario's load report."""
     if not has_event_loop(setup):
-        return f"Event loop: ({lab.SETUPS[setup].worker_class} worker: no event loop)"
+        return f"Event loop: ({lab.SETUPS[setup].server} worker: no event loop)"
     if blocking is None:
         return "Event loop: (no events recorded)"
     if not blocking["blocks"]:
-        return f"Event loop: never blocked over {lab.DEFAULT_MONITOR_THRESHOLD} s"
+        return f"Event loop: never blocked over {checks.DEFAULT_MONITOR_THRESHOLD} s"
     count = blocking["blocks"]
     return (f"Event loop: blocked {count} time{'s' * (count != 1)} "
             f"({blocking['blocked_s']:.1f} s in all); top culprit: {blocking['top_culprit']}")
@@ -586,7 +587,7 @@ def print_blocking(argv):
     line = describe_blocking(setup, blocking_of(args.figures, setup, figures))
     # What the sampler has seen so far: its last look may be up to one period old.
     connections = connections_of(args.figures, setup, figures,
-                                 until=time.time() - lab.SAMPLE_PERIOD)
+                                 until=time.time() - sampler.SAMPLE_PERIOD)
     if connections is not None:
         line += "\n" + describe_connections(connections)
     if args.lab_pid:
@@ -607,7 +608,7 @@ def worker_memory(master):
             fields = stat.read_text().rsplit(")", 1)[1].split()
             if int(fields[1]) != master:  # the parent's PID
                 continue
-            if b"--sample-connections" in (stat.parent / "cmdline").read_bytes():
+            if b"labkit.sampler" in (stat.parent / "cmdline").read_bytes():
                 continue  # the lab's connection sampler, not a worker
             status = (stat.parent / "status").read_text()
         except (OSError, IndexError, ValueError):

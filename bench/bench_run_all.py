@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lab
+from labkit import plan
 
 PY = str(ROOT / ".venv" / "bin" / "python")
 GOALS = {1.0: 1.10, 0.2: 1.50}  # delay -> wall time / sum of model times
@@ -33,7 +34,7 @@ GOAL_OVER_MODEL = 0.03  # each scenario at the 1 s delay
 
 
 def model_sum(delay, n=10, c=10):
-    return sum(lab.model_seconds(s, r, n, c, delay, delay) for s, r, _ in lab.scenarios())
+    return sum(plan.model_seconds(s, r, n, c, delay, delay) for s, r, _ in plan.scenarios())
 
 
 def time_run_all(delay):

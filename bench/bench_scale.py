@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lab
 import report
+from labkit import plan
 
 PY = sys.executable
-MAX_CONNECTIONS = lab.SCALE_MAX_CONNECTIONS
+MAX_CONNECTIONS = plan.SCALE_MAX_CONNECTIONS
 
 
 def free_port():
@@ -100,7 +101,7 @@ class Lab:
 
     def workers(self):
         return [pid for pid in children(self.process.pid)
-                if b"--sample-connections" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+                if b"labkit.sampler" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     def stop(self):
         self.process.send_signal(signal.SIGINT)
@@ -202,7 +203,7 @@ def thousand_at_once(services, quick, repeat, rows):
         settings = {"worker_connections": int(flags[1]) if flags else 50,
                     "workers": int(flags[flags.index("--workers") + 1])
                     if "--workers" in flags else 1}
-        model = lab.model_seconds(setup, "http", 1000, 1000, services.delay, services.delay,
+        model = plan.model_seconds(setup, "http", 1000, 1000, services.delay, services.delay,
                                   settings=settings)
         # At 50 a worker (20 rounds) one run is enough, and hey's keep-alive holds each slot
         # for Gunicorn's keepalive after its response: 3 times as long, shown unless --quick.
@@ -248,7 +249,7 @@ def peak_connections(services, rows):
                           ("--workers", "workers")):
             if flag in flags:
                 settings[key] = int(flags[flags.index(flag) + 1])
-        model = lab.model_seconds(setup, "db", n, c, services.delay, services.delay,
+        model = plan.model_seconds(setup, "db", n, c, services.delay, services.delay,
                                   settings=settings)
         with Lab(services, setup, ("--db-pool", "0", *flags)) as running:
             total, errors, summary = burst(running, n, c)

@@ -13,6 +13,7 @@ Three tools from Linux, used by lab.py's kit and by run_all alike:
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from lab import die_with_parent
@@ -109,3 +110,35 @@ def drop_unwritable_output(streams=None):
                 stream.flush()
             except (OSError, ValueError):
                 pass
+
+
+def log_line(text):
+    """One line on stderr, Gunicorn-style, in one write: safe from any thread or greenlet."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    try:
+        os.write(2, f"[{stamp}] [{os.getpid()}] [WARNING] {text}\n".encode())
+    except OSError:
+        pass
+
+
+def append_line(path, line):
+    """One write with O_APPEND: lines from several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def stop(process, sig=signal.SIGTERM, within=2.0):
+    """Signal a child and reap it; SIGKILL if it is still there after `within` seconds. Never
+    an unbounded wait: a child that lost its signal must not hold up the stop of everything."""
+    import subprocess
+
+    if process.poll() is None:
+        try:
+            process.send_signal(sig)
+            process.wait(within)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

