@@ -187,6 +187,18 @@ def test_lab_bad_database_url(url, message):
         assert_one_error(result, "lab.py", message)  # and so no password echoed
 
 
+
+def test_lab_check_connects_as_the_lab_will(database_url):
+    """The URL's own connection parameters reach the check as they reach Django: a
+    connect_timeout PostgreSQL cannot read fails --check, rather than passing it and then
+    failing every database request of the run with a 503."""
+    joiner = "&" if "?" in database_url else "?"
+    result = run_lab("--check", env={"DATABASE_URL": f"{database_url}{joiner}connect_timeout=abc"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("lab.py: error: cannot reach PostgreSQL: ")
+    assert 'invalid integer value "abc" for connection option "connect_timeout"' in result.stderr
+    assert run_lab("--check", env={"DATABASE_URL": database_url}).returncode == 0
+
 # --- run_all.sh -----------------------------------------------------------------------
 
 
