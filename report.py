@@ -17,6 +17,7 @@ run it began (load.py's started_at and ended_at).
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -357,6 +358,25 @@ svg.compare { display: block; font: 12px system-ui, sans-serif; }
 svg.compare .route { font-weight: 600; } svg.compare .tick { stroke: #222; stroke-width: 2; }
 .legend svg { margin-left: 1em; vertical-align: -.1em; }
 """
+
+
+def check_html_path(path, flag="--html"):
+    """Refuse, before anything runs, a page that could not be written at the end: no name, a
+    missing folder, a folder for a name, or a file or folder we may not write (read-only,
+    another user's). Returns the path, absolute; raises ReportError naming `flag`."""
+    if not path:
+        raise ReportError(f"{flag} needs a file name")
+    target = Path(os.path.abspath(path))
+    folder = target.parent
+    if target.is_dir():
+        raise ReportError(f"{flag}: '{path}' is a directory, not a file name")
+    if not folder.is_dir():
+        raise ReportError(f"{flag}: no such directory: {folder}")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ReportError(f"{flag}: cannot write {target}: permission denied")
+    if not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ReportError(f"{flag}: cannot write into {folder}: permission denied")
+    return target
 
 
 def write_html(path, scenarios, settings):

@@ -19,31 +19,36 @@ from pathlib import Path
 from lab import die_with_parent
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+OWNER_NOTE = "owner.json"  # the owner note's name in each folder (see owner_note)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def child_setup(death_signal):
     """What a child runs between fork and exec, after any switch of user (which would clear
-    the death signal): take the stop signals its parent held back, and die with its parent."""
+    the death signal): take the stop signals its parent held back, and die with its parent,
+    also if the parent died between the fork and this (call it in the parent)."""
+    parent = os.getpid()
 
     def setup():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        die_with_parent(death_signal)
+        die_with_parent(death_signal, parent)
 
     return setup
 
 
 def proc_stat(pid):
-    """/proc/PID/stat as {"state", "ppid", "cpu_s", "start_time"}, None if the process is gone.
+    """/proc/PID/stat as {"state", "ppid", "pgrp", "cpu_s", "start_time"}, None if the process
+    is gone.
 
     The command name (field 2) may hold spaces and parentheses: the fields after it are read
-    from the last ")". start_time is in clock ticks after boot (field 22)."""
+    from the last ")". pgrp is the process group (field 5), start_time is in clock ticks after
+    boot (field 22)."""
     try:
         text = Path(f"/proc/{int(pid)}/stat").read_text()
     except (OSError, ValueError, TypeError):
         return None
     fields = text[text.rindex(")") + 2:].split()
-    return {"state": fields[0], "ppid": int(fields[1]),
+    return {"state": fields[0], "ppid": int(fields[1]), "pgrp": int(fields[2]),
             "cpu_s": (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
             "start_time": int(fields[19])}
 
@@ -52,6 +57,20 @@ def alive(pid):
     """The process runs (a zombie has ended: only its exit status is left)."""
     stat = proc_stat(pid)
     return stat is not None and stat["state"] not in "ZX"
+
+
+def group_members(groups):
+    """The running processes (not zombies) of the process groups `groups`: {pgrp: [pid, ...]}.
+
+    A child started in its own session leads a group of that number; what it started and did
+    not stop (a Gunicorn worker, a sampler) stays in the group after the leader is gone, and the
+    kernel does not give the number to another process while the group has members."""
+    wanted, found = set(groups), {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        stat = proc_stat(entry.name)
+        if stat is not None and stat["pgrp"] in wanted and stat["state"] not in "ZX":
+            found.setdefault(stat["pgrp"], []).append(int(entry.name))
+    return found
 
 
 def process_start_time(pid):
@@ -94,6 +113,36 @@ def folder_owner_gone(folder, name, me=None):
         return owner_gone(json.loads((Path(folder) / name).read_text()), me)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def owned_folder(parent, prefix, note=OWNER_NOTE):
+    """A new folder mkdtemp(prefix, parent) with our owner note in it (the file `note`)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (folder / note).write_text(json.dumps(owner_note()))
+    return folder
+
+
+def abandoned_folders(parent, prefix, note=OWNER_NOTE, owners=None):
+    """The folders `prefix*` in `parent` (owned by a uid in `owners`, default ours) whose owner
+    note names a process that has surely ended: what a kill -9 left behind."""
+    owners = {os.geteuid()} if owners is None else set(owners)
+    me = owner_note()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            if (entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid in owners
+                    and folder_owner_gone(entry.path, note, me)):
+                found.append(Path(entry.path))
+        except OSError:
+            continue
+    return found
 
 
 def drop_unwritable_output(streams=None):

@@ -224,7 +224,7 @@ def test_run_all_checks_database_url_before_starting_anything(url, message, tmp_
 @pytest.mark.parametrize("path", ["/nonexistent", ""])
 def test_run_all_with_a_broken_path_names_what_is_missing(path):
     result = run_all("--delay", "0.05", env={"PATH": path})
-    assert_one_error(result, "run_all.sh", f"not found on PATH: python3, rm, sleep (PATH={path})")
+    assert_one_error(result, "run_all.sh", f"not found on PATH: python3 (PATH={path})")
     help_text = run_all("--help", env={"PATH": path})
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: ./run_all.sh")
 

@@ -14,6 +14,7 @@ Processes are followed with test_faults.Sandbox: a private TMPDIR and an environ
 other runs of the lab on the same machine are never mistaken for ours.
 """
 
+import json
 import os
 import pty
 import re
@@ -29,6 +30,8 @@ import psutil
 import pytest
 from conftest import PY, ROOT, free_port, get
 from test_faults import MARK, Sandbox, postgres_started, wait_until
+
+from labkit import procs
 
 HANG_UP_EXIT = 128 + signal.SIGHUP
 INTERRUPTED = re.compile(r"run_all\.sh: interrupted during (.+); stopping everything it started")
@@ -331,8 +334,9 @@ def assert_gone_within(box, seconds, what):
 
 
 def test_run_all_killed_leaves_nothing_running(sandbox, warm_cache):
-    """Each child of run_all.sh has a parent-death signal (setpriv): SIGKILL reaches no trap.
-    Its embedded PostgreSQL (lab.py --database-only) stops and removes its folder."""
+    """Each child of run_all.sh has a parent-death signal (labkit.procs.child_setup): SIGKILL
+    reaches no handler. Its embedded PostgreSQL (lab.py --database-only) stops and removes its
+    folder."""
     use_warm_cache(sandbox, warm_cache)
     proc = sandbox.popen(["./run_all.sh", "--delay", "0.5"], new_session=True)
     wait_until(lambda: running(sandbox, "load.py"), 90, "a scenario")
@@ -345,22 +349,27 @@ def test_run_all_killed_leaves_nothing_running(sandbox, warm_cache):
 
 
 def test_next_run_removes_the_folder_of_a_killed_run(sandbox):
+    """The same owner notes as the embedded PostgreSQL's folders (labkit.procs)."""
+    me = procs.owner_note()
     killed = sandbox.tmp / "awl-run-killed"
     killed.mkdir()
-    (killed / "owner").write_text("999999999\n")  # above pid_max: no such process
+    (killed / procs.OWNER_NOTE).write_text(json.dumps({**me, "pid": 2 ** 22 + 1}))  # gone
     (killed / "01-nothing-both.json").write_text("{}")
+    reused = sandbox.tmp / "awl-run-reused"  # our PID, another start time: a reused PID
+    reused.mkdir()
+    (reused / procs.OWNER_NOTE).write_text(json.dumps({**me, "start_time": 1}))
     live = sandbox.tmp / "awl-run-live"  # a run still going: kept
     live.mkdir()
-    (live / "owner").write_text(f"{os.getpid()}\n")
+    (live / procs.OWNER_NOTE).write_text(json.dumps(me))
     proc = sandbox.popen(["./run_all.sh", "--delay", "0.05"], new_session=True)
     try:
         wait_until(lambda: len(list(sandbox.tmp.glob("awl-run-*"))) == 2
-                   and not killed.exists(), 60, "the new run's folder")
+                   and not killed.exists() and not reused.exists(), 60, "the new run's folder")
     finally:
         proc.terminate()
         proc.wait(30)
-    assert not killed.exists()
-    assert live.exists() and (live / "owner").exists()
+    assert not killed.exists() and not reused.exists()
+    assert live.exists() and (live / procs.OWNER_NOTE).exists()
     shutil.rmtree(live)
     assert_nothing_left(sandbox, "the second run")
 
