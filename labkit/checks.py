@@ -147,10 +147,10 @@ def command(args):
 
     if args.list:
         return lambda args, stop: plan.print_list(args.all, args.json, args.scale)
+    if args.check:  # also with --database-only: check it, do not start it
+        return lambda args, stop: check_only(args)
     if args.database_only:
         return postgres.hold
-    if args.check:
-        return lambda args, stop: check_only(args)
     if args.sample_connections:
         return lambda args, stop: sampler.main()
     return None
@@ -159,7 +159,14 @@ def command(args):
 # --- Before anything starts ------------------------------------------------------------------
 
 def check_only(args):
-    """--check: what the lab checks before it starts anything, the database included."""
+    """--check: what the lab checks before it starts anything, the database included; with
+    --database-only, what the embedded PostgreSQL needs (labkit.postgres.checked_environment)."""
+    if args.database_only:
+        from labkit import postgres
+
+        lab.check_installed(None, embedded=True)
+        postgres.checked_environment()
+        return 0
     lab.check_installed(args.setup, embedded=not args.database_url)
     options = lab.options_from(args, sys.modules[__name__])
     before_start(options)

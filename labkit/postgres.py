@@ -282,6 +282,29 @@ def exit_reason(info):
     return f"killed by signal {info.si_status}"
 
 
+def checked_environment():
+    """Every check start() makes before it creates anything, alone (`lab.py --check
+    --database-only`, asked by ./run_all.sh before it starts anything): the wheel, TMPDIR, the
+    cache folder and, as root, the server's account and the folders it must enter. Returns
+    (wheel, TMPDIR, cache folder, account or None); raises LabError."""
+    wheel = find_wheel()
+    parent = temp_parent()
+    cache = cache_folder()
+    account = server_account()
+    if account:
+        closed = closed_folder(parent, account)
+        if closed:
+            raise lab.LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                               f"where its data folder goes (TMPDIR): use a TMPDIR others "
+                               "may enter, such as /tmp")
+        closed = closed_folder(cache, account)
+        if closed:
+            raise lab.LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
+                               f"on the way to the cache folder {cache}: set {CACHE_ENV} "
+                               "to a folder others may enter")
+    return wheel, parent, cache, account
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
 
@@ -317,21 +340,8 @@ class EmbeddedPostgres:
         """Check the environment, copy the cluster into a new temporary folder, start the
         server; return its URL. Every check that can fail comes before anything starts."""
         try:
-            wheel = find_wheel()
-            parent = temp_parent()
-            cache = cache_folder()
-            account = server_account()
+            wheel, parent, cache, account = checked_environment()
             if account:
-                closed = closed_folder(parent, account)
-                if closed:
-                    raise lab.LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
-                                   f"where its data folder goes (TMPDIR): use a TMPDIR others "
-                                   "may enter, such as /tmp")
-                closed = closed_folder(cache, account)
-                if closed:
-                    raise lab.LabError(f"the PostgreSQL user {PG_SYSTEM_USER} cannot enter {closed}, "
-                                   f"on the way to the cache folder {cache}: set {CACHE_ENV} "
-                                   "to a folder others may enter")
                 # Its own group and no other: not root's groups, which Popen would keep.
                 self.run_as = {"user": account.pw_uid, "group": account.pw_gid,
                                "extra_groups": []}

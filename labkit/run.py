@@ -133,8 +133,8 @@ def run_all(run, options):
                                         "--delay", options.delay], log=work / "slow_server.log")
     database = None
     if not options.database_url:
-        limit = ["--max-connections", str(plan.SCALE_MAX_CONNECTIONS)] if options.scale else []
-        database = run.start("the embedded PostgreSQL", ["lab.py", "--database-only", *limit],
+        database = run.start("the embedded PostgreSQL",
+                             ["lab.py", "--database-only", *database_flags(options)],
                              log=work / "database.log", stdout=work / "database.out")
     write_settings(work, setups, options)
     url = options.database_url or wait_for_database_url(run, database, work / "database.out")
@@ -196,6 +196,10 @@ def lab_command(setup, port, slow_url, work, options):
                   "--connections", str(work / f"{setup}.connections"), *flags]
 
 
+def database_flags(options):
+    return ["--max-connections", str(plan.SCALE_MAX_CONNECTIONS)] if options.scale else []
+
+
 def write_settings(work, setups, options):
     """Each lab's settings as JSON beside its figures (SETUP.settings): report.py's model
     reads them."""
@@ -204,15 +208,20 @@ def write_settings(work, setups, options):
 
 
 def check_before_starting(run, options, labs):
-    """`lab.py --check` with every lab's flags, and with your DATABASE_URL (it connects once),
-    all at once; the first that fails is the run's one line."""
+    """`lab.py --check` with every lab's flags, and for the database: with your DATABASE_URL
+    (it connects once), else --database-only (what the embedded server needs: TMPDIR, its
+    cache, as root its account); all at once, and the first that fails is the run's one line."""
     run.phase = "set-up (checking the labs' flags)"
     env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
-    checks = []
     if options.database_url:
-        checks.append(("DATABASE_URL", run.start(
-            "lab.py --check", ["lab.py", "--check"], log=run.work / "check-database.log",
-            env={**env, "DATABASE_URL": options.database_url})))
+        database = ("DATABASE_URL", ["lab.py", "--check"],
+                    {**env, "DATABASE_URL": options.database_url})
+    else:
+        database = ("the embedded PostgreSQL cannot start",
+                    ["lab.py", "--check", "--database-only", *database_flags(options)], env)
+    what, args, database_env = database
+    checks = [(what, run.start("lab.py --check", args, log=run.work / "check-database.log",
+                               env=database_env))]
     for setup, (_, args) in labs.items():
         checks.append((f"lab.py --setup {setup}", run.start(
             "lab.py --check", [*args, "--check"], log=run.work / f"check-{setup}.log", env=env)))
@@ -241,6 +250,7 @@ def wait_until_answering(run, services):
     deadline = time.monotonic() + START_WITHIN
     while pending:
         for child, url in list(pending):
+            run.checkpoint()  # each look may take up to a timeout: ten labs booting, 5 s
             if answers(url):
                 pending.remove((child, url))
             elif child.popen.poll() is not None:
