@@ -802,7 +802,7 @@ def gunicorn_settings(options, hooks):
         "worker_class": setup.server,
         "accesslog": "-",
         "errorlog": "-",
-        "logger_class": json_access_logger(),
+        "logger_class": json_access_logger(options.boot_error),
         "proc_name": f"async-workers-lab ({options.setup})",
         "control_socket_disable": True,  # Gunicorn 27 would otherwise leave a socket in $HOME
         # Seconds a stop waits for requests in flight before it kills the workers: a run killed
@@ -819,8 +819,9 @@ def gunicorn_settings(options, hooks):
     return settings
 
 
-def json_access_logger():
-    """Gunicorn's logger, with one JSON object per request (the article's fields)."""
+def json_access_logger(boot_error):
+    """Gunicorn's logger, with one JSON object per request (the article's fields). Why a worker
+    failed to boot goes to `boot_error` too, for the master to say it in one line (serve)."""
     from gunicorn.glogging import Logger
 
     class JsonAccessLogger(Logger):
@@ -830,6 +831,8 @@ def json_access_logger():
             a stop, not a fault."""
             exc = sys.exc_info()[1]
             text = (msg % args if args else msg).replace("\n", " ")
+            if msg == "Exception in worker process" and exc is not None:
+                boot_error.value = f"{type(exc).__name__}: {exc}".encode()[:BOOT_ERROR_BYTES]
             if isinstance(exc, SystemExit):
                 self.info("%s cut short: the worker is stopping",
                           text.replace("Error handling request", "request"))
@@ -1108,6 +1111,7 @@ class Options:
     conn_max_age: float = 0
     database: dict = None  # Django's DATABASES["default"], once the database runs
     booted: object = None  # workers booted so far: shared memory, made before the fork
+    boot_error: object = None  # why a worker could not boot, likewise
 
 
 def parse_args(argv, checks=None):
@@ -1245,16 +1249,34 @@ def serve(options, checks):
         say("warning: --database-url puts the password on the command line, where ps shows it "
             "to every user; pass it as DATABASE_URL in the environment instead")
     with database_url(options) as (url, hooks, _):
-        options = replace(options, database=database_settings(url, options),
-                          booted=multiprocessing.Value("i", 0))  # before the workers fork
+        options = replace(options, database=database_settings(url, options),  # shared memory,
+                          booted=multiprocessing.Value("i", 0),  # made before the workers fork
+                          boot_error=multiprocessing.Array("c", BOOT_ERROR_BYTES + 1))
         where = "your PostgreSQL" if options.database_url else "embedded PostgreSQL (removed on exit)"
         if checks:
             options = checks.fit_database(options, url)  # the idle connections it allows
         say(f"--setup {options.setup}: {SETUPS[options.setup].story}; database: {where}; "
             f"slow service: {options.slow_url}")
         with checks.sampling(options, url) if checks else nullcontext():
-            LAUNCHERS[SERVERS[SETUPS[options.setup].server].program](options, hooks)
+            master = os.getpid()
+            try:
+                LAUNCHERS[SERVERS[SETUPS[options.setup].server].program](options, hooks)
+            except SystemExit as exc:  # Gunicorn's "Worker failed to boot" (3, 4: the app's),
+                # in the master (a worker that fails leaves through here too, with its code)
+                if os.getpid() == master and exc.code in (3, 4) and options.boot_error.value:
+                    raise LabError(boot_failure(options.boot_error.value.decode(errors="replace")))
+                raise
     return 0
+
+
+BOOT_ERROR_BYTES = 300
+
+
+def boot_failure(reason):
+    hint = ""
+    if "can't start new thread" in reason or "Resource temporarily unavailable" in reason:
+        hint = ": too few processes and threads left for this user (raise ulimit -u)"
+    return f"a worker could not boot ({reason}){hint}"
 
 
 class Stop:
