@@ -347,8 +347,10 @@ class EmbeddedPostgres:
                 os.chown(self.data_dir, account.pw_uid, account.pw_gid)
             self.launch(timeout)
         except OSError as exc:
+            where = exc.filename or (self.data_dir and f"its folder {self.data_dir} (TMPDIR), or "
+                                     f"the cache {cache_folder()}")
             raise lab.LabError(f"embedded PostgreSQL: {exc.strerror or exc}"
-                           + (f": {exc.filename}" if exc.filename else "")) from None
+                               + (f": {where}" if where else "")) from None
         return self.url
 
     # --- folders and cache entries -------------------------------------------------------
