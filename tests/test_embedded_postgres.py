@@ -503,7 +503,7 @@ def test_a_crash_loop_backs_off_then_gives_up_while_the_lab_serves(box, warm_cac
     assert gave_up_at - stopped_at >= 2.5, gave_up_at - stopped_at  # waited 1 s, then 2 s
     time.sleep(1.5)
     attempts = (folder / "postgres.log").read_text().count("contains errors")
-    assert attempts == postgres.EmbeddedPostgres.RESTARTS, attempts  # no spinning, no more tries
+    assert attempts == postgres.Watcher.RESTARTS, attempts  # no spinning, no more tries
     assert not [c for c in psutil.Process(proc.pid).children() if c.name() == "postgres"]
     status, body = get(proc.url + "/only-database-call/")
     assert status == 503 and body["error"].startswith("database unavailable"), body
