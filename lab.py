@@ -36,7 +36,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -514,100 +513,35 @@ class OneLineFormatter(logging.Formatter):
 
 
 # =============================================================================================
-# The slow service's clients: keep-alive pools, so a call costs its wait and little more
+# The slow service's clients: one call per request, or ten for the fan-out route
 # =============================================================================================
 
 class SlowService:
-    """A client for slow_server.py that keeps its connections open between calls.
+    """slow_server.py's client, as the article's app calls it: one urllib GET per call, on a new
+    connection. (With the kit, labkit/warm.py's PooledSlowService keeps connections open.)"""
 
-    A new TCP connection per call costs the worker about as much CPU as the rest of the call:
-    a hundred calls at once add tens of milliseconds to a one-second wait. Like any pooling
-    HTTP client (urllib3, requests.Session), this keeps up to `keep` idle connections, and
-    warm() opens them at boot. Any greenlet may take any idle connection: each call holds its
-    own while it waits, so nothing about the overlap changes.
-    """
-
-    def __init__(self, base_url, timeout, keep):
-        import http.client
-
-        base_url = base_url.rstrip("/")
-        parts = urllib.parse.urlsplit(base_url)
-        self.connection_class = (http.client.HTTPSConnection if parts.scheme == "https"
-                                 else http.client.HTTPConnection)
-        self.host, self.port = parts.hostname, parts.port
-        self.url = base_url
-        self.path = parts.path.rstrip("/") + "/api/v1/movies"
-        self.timeout, self.keep, self.idle = timeout, keep, []
-        self.address = None  # (family, type, proto, sockaddr), resolved once: see resolve()
-
-    def warm(self):
-        self.resolve()
-        while len(self.idle) < self.keep:
-            conn = self.new_connection()
-            try:
-                conn.connect()
-            except OSError:
-                return  # the service is down: calls will say so
-            self.idle.append(conn)
-
-    def resolve(self):
-        """Look the service's name up once, at boot. socket.create_connection() looks it up
-        at every connect, and under gevent each lookup, even of 127.0.0.1, is a round trip
-        through a thread pool: at 1,000 requests at once that was a fifth of the worker's CPU."""
-        try:
-            self.address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0]
-        except (OSError, UnicodeError):
-            pass  # connects will look it up, and say what is wrong
-
-    def new_connection(self):
-        conn = self.connection_class(self.host, self.port, timeout=self.timeout)
-        if self.address is not None:
-            conn._create_connection = self.connect  # http.client's hook for making the socket
-        return conn
-
-    def connect(self, address, timeout, source_address=None):
-        family, kind, proto, _, sockaddr = self.address
-        sock = socket.socket(family, kind, proto)  # gevent's socket: patched in the worker
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def __init__(self, base_url, timeout, keep=0):
+        self.url, self.timeout = base_url.rstrip("/"), timeout
 
     def get_movie(self):
         """One GET; a service that is down answers 502, one that hangs 504 (SlowServiceError)."""
         import http.client
+        import urllib.error
+        import urllib.request
 
         try:
-            if self.idle:
-                try:
-                    return self.exchange(self.idle.pop())
-                except ConnectionError:
-                    pass  # the service closed it while it was idle: normal, use a new one
-            return self.exchange(self.new_connection())
-        except TimeoutError:
-            raise SlowServiceError(504, f"slow service at {self.url} did not answer within "
-                                        f"{self.timeout:g} s") from None
+            with urllib.request.urlopen(self.url + "/api/v1/movies", timeout=self.timeout) as r:
+                return movie_from(self.url, r.status, r.read())
+        except urllib.error.HTTPError as exc:
+            return movie_from(self.url, exc.code, b"")
         except (OSError, http.client.HTTPException) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            reason = getattr(exc, "reason", exc)  # urllib wraps what connect() raised
+            if isinstance(reason, TimeoutError):
+                raise SlowServiceError(504, f"slow service at {self.url} did not answer "
+                                            f"within {self.timeout:g} s") from None
+            reason = getattr(reason, "strerror", None) or reason
             raise SlowServiceError(502, f"slow service unreachable at {self.url}: {reason} "
                                         "(is slow_server.py running?)") from None
-
-    def exchange(self, conn):
-        try:
-            conn.request("GET", self.path)
-            response = conn.getresponse()
-            body = response.read()
-        except BaseException:
-            conn.close()
-            raise
-        if response.will_close or len(self.idle) >= self.keep:
-            conn.close()
-        else:
-            self.idle.append(conn)
-        return movie_from(self.url, response.status, body)
 
 
 class AsyncSlowService:
@@ -689,8 +623,10 @@ def build_application(options):
     import django
     from django.conf import settings
 
-    lab = Lab(options, setup, SlowService(options.slow_url, options.http_timeout,
-                                          options.http_pool),
+    client = SlowService
+    if options.kit:
+        from labkit.warm import PooledSlowService as client  # keep-alive: see labkit/warm.py
+    lab = Lab(options, setup, client(options.slow_url, options.http_timeout, options.http_pool),
               AsyncSlowService(options.slow_url, options.http_timeout, options.http_pool)
               if server.app == "asgi" else None,
               new_thread_pool(options.http_pool) if setup.fan_out == "threads" else None)
@@ -802,7 +738,7 @@ def gunicorn_settings(options, hooks):
         "worker_class": setup.server,
         "accesslog": "-",
         "errorlog": "-",
-        "logger_class": json_access_logger(),
+        "logger_class": json_access_logger(options.boot_error),
         "proc_name": f"async-workers-lab ({options.setup})",
         "control_socket_disable": True,  # Gunicorn 27 would otherwise leave a socket in $HOME
         # Seconds a stop waits for requests in flight before it kills the workers: a run killed
@@ -819,8 +755,9 @@ def gunicorn_settings(options, hooks):
     return settings
 
 
-def json_access_logger():
-    """Gunicorn's logger, with one JSON object per request (the article's fields)."""
+def json_access_logger(boot_error):
+    """Gunicorn's logger, with one JSON object per request (the article's fields). Why a worker
+    failed to boot goes to `boot_error` too, for the master to say it in one line (serve)."""
     from gunicorn.glogging import Logger
 
     class JsonAccessLogger(Logger):
@@ -830,6 +767,8 @@ def json_access_logger():
             a stop, not a fault."""
             exc = sys.exc_info()[1]
             text = (msg % args if args else msg).replace("\n", " ")
+            if msg == "Exception in worker process" and exc is not None:
+                boot_error.value = f"{type(exc).__name__}: {exc}".encode()[:BOOT_ERROR_BYTES]
             if isinstance(exc, SystemExit):
                 self.info("%s cut short: the worker is stopping",
                           text.replace("Error handling request", "request"))
@@ -853,7 +792,9 @@ def json_access_logger():
                 "request": request, "status": int(status) if status.isdigit() else status,
                 "length": sent, "referer": environ.get("HTTP_REFERER", "-"),
                 "user_agent": environ.get("HTTP_USER_AGENT", "-"),
-                "time_s": round(request_time.total_seconds(), 6), "date": self.now(),
+                # A timedelta, or the asgi worker's _RequestTime: both have these two.
+                "time_s": round(request_time.seconds + request_time.microseconds / 1e6, 6),
+                "date": self.now(),
                 **({"error": req.error} if unparsed else {}),
             }))
 
@@ -1108,6 +1049,7 @@ class Options:
     conn_max_age: float = 0
     database: dict = None  # Django's DATABASES["default"], once the database runs
     booted: object = None  # workers booted so far: shared memory, made before the fork
+    boot_error: object = None  # why a worker could not boot, likewise
 
 
 def parse_args(argv, checks=None):
@@ -1245,16 +1187,34 @@ def serve(options, checks):
         say("warning: --database-url puts the password on the command line, where ps shows it "
             "to every user; pass it as DATABASE_URL in the environment instead")
     with database_url(options) as (url, hooks, _):
-        options = replace(options, database=database_settings(url, options),
-                          booted=multiprocessing.Value("i", 0))  # before the workers fork
+        options = replace(options, database=database_settings(url, options),  # shared memory,
+                          booted=multiprocessing.Value("i", 0),  # made before the workers fork
+                          boot_error=multiprocessing.Array("c", BOOT_ERROR_BYTES + 1))
         where = "your PostgreSQL" if options.database_url else "embedded PostgreSQL (removed on exit)"
         if checks:
             options = checks.fit_database(options, url)  # the idle connections it allows
         say(f"--setup {options.setup}: {SETUPS[options.setup].story}; database: {where}; "
             f"slow service: {options.slow_url}")
         with checks.sampling(options, url) if checks else nullcontext():
-            LAUNCHERS[SERVERS[SETUPS[options.setup].server].program](options, hooks)
+            master = os.getpid()
+            try:
+                LAUNCHERS[SERVERS[SETUPS[options.setup].server].program](options, hooks)
+            except SystemExit as exc:  # Gunicorn's "Worker failed to boot" (3, 4: the app's),
+                # in the master (a worker that fails leaves through here too, with its code)
+                if os.getpid() == master and exc.code in (3, 4) and options.boot_error.value:
+                    raise LabError(boot_failure(options.boot_error.value.decode(errors="replace")))
+                raise
     return 0
+
+
+BOOT_ERROR_BYTES = 300
+
+
+def boot_failure(reason):
+    hint = ""
+    if "can't start new thread" in reason or "Resource temporarily unavailable" in reason:
+        hint = ": too few processes and threads left for this user (raise ulimit -u)"
+    return f"a worker could not boot ({reason}){hint}"
 
 
 class Stop:

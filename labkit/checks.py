@@ -34,7 +34,7 @@ DEFAULT_DB_POOL = 10  # idle PostgreSQL connections a worker keeps between reque
 DEFAULT_MONITOR_THRESHOLD = 0.1  # seconds an event loop may be blocked before it is named
 FILES_PER_REQUEST = 3  # the client's socket, one to the slow service, one to PostgreSQL
 SPARE_FILES = 64  # Python, Django, Gunicorn's pipes and logs
-POSTGRES_TASKS = 12  # PostgreSQL 18's postmaster, background processes and I/O workers
+POSTGRES_TASKS = 10  # PostgreSQL 18's postmaster, background processes, I/O workers
 # What PostgreSQL allows: max_connections, less the slots only superusers (and, from version
 # 16, roles granted pg_use_reserved_connections) may take.
 CONNECTION_SETTINGS = ("max_connections", "superuser_reserved_connections",
@@ -251,19 +251,22 @@ def check_machine_limits(options):
             raise lab.LabError(f"{slots} requests at once per worker need about {needed} open "
                                f"files, but the limit is {hard} (raise it with ulimit -n, or "
                                "lower --worker-connections)")
-    workers = options.settings["workers"]
+    workers, kit = options.settings["workers"], options.kit
     threaded = lab.SERVERS[lab.SETUPS[options.setup].server].threads_per_request
+    # Each process and each thread counts against ulimit -u: per worker, itself, a thread per
+    # request (thread servers), the monitor's and gevent's resolver's; the master, its
+    # PostgreSQL watcher and the sampler; the embedded PostgreSQL's own processes and a
+    # backend for each idle connection the workers keep.
     threads = (slots if threaded else 0) * workers
-    # Each worker is a process, and counts against ulimit -u like a thread: with the master,
-    # a sampler and the database probe a few more, and the embedded PostgreSQL's own.
-    needed_tasks = threads + workers + 4 + (0 if options.database_url else POSTGRES_TASKS)
+    tasks = workers * 3 + threads + 3
+    if not options.database_url:
+        tasks += POSTGRES_TASKS + workers * kit.db_pool
     limit = task_limit()
-    if limit is not None and needed_tasks > limit:
-        what = (f"{threads} threads (a thread per request at once) and {workers} worker "
-                f"process{'es' * (workers != 1)}" if threads else
-                f"{workers} worker process{'es' * (workers != 1)}")
-        raise lab.LabError(f"{what} exceed the {limit} more processes and threads this user "
-                           "may start (ulimit -u, kernel.threads-max)")
+    if limit is not None and tasks > limit:
+        raise lab.LabError(f"about {tasks} processes and threads (the workers, their threads"
+                           f"{', the embedded PostgreSQL' * (not options.database_url)}) exceed "
+                           f"the {max(limit, 0)} more this user may start (ulimit -u, "
+                           "kernel.threads-max)")
 
 
 def task_limit():

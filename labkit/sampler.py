@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import lab
 from labkit import procs
 
 SAMPLE_PERIOD = 0.1  # seconds between two looks: each is a query, so not often (every lab of a
@@ -49,6 +50,8 @@ def sampling(options, url):
         sampler = subprocess.Popen([sys.executable, "-m", "labkit.sampler"], env=env,
                                    stdin=subprocess.DEVNULL,
                                    preexec_fn=procs.child_setup(signal.SIGTERM))  # noqa: PLW1509
+    except OSError as exc:  # no process left to start (ulimit -u)
+        raise lab.LabError(f"cannot start the connection sampler: {exc.strerror}") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
     try:

@@ -199,6 +199,40 @@ def test_lab_check_connects_as_the_lab_will(database_url):
     assert 'invalid integer value "abc" for connection option "connect_timeout"' in result.stderr
     assert run_lab("--check", env={"DATABASE_URL": database_url}).returncode == 0
 
+
+def test_lab_says_why_a_worker_could_not_boot(tmp_path, database_url):
+    """A worker that dies as it boots (here psycogreen's hook cannot start a thread, as under
+    a low ulimit -u) ends the lab with one line naming the cause, not Gunicorn's "Worker
+    failed to boot" after a traceback."""
+    shim = tmp_path / "psycogreen"
+    shim.mkdir()
+    (shim / "__init__.py").write_text("")
+    (shim / "gevent.py").write_text("def patch_psycopg():\n"
+                                    "    raise RuntimeError(\"can't start new thread\")\n")
+    result = run_lab("--patch", "all", "--bind", f"127.0.0.1:{free_port()}",
+                     env={"DATABASE_URL": database_url, "PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "lab.py: error: a worker could not boot (RuntimeError: can't start new thread): too few "
+        "processes and threads left for this user (raise ulimit -u)"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lab_checks_the_process_limit_before_it_starts(tmp_path):
+    """ulimit -u too low for the embedded PostgreSQL and the worker: one line before anything
+    starts (root is not held to ulimit -u)."""
+    if os.geteuid() == 0:
+        pytest.skip("root is not held to ulimit -u")
+    command = (f'ulimit -u 20 && exec "{sys.executable}" lab.py --patch all '
+               f'--bind 127.0.0.1:{free_port()}')
+    result = subprocess.run(["/bin/bash", "-c", command], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("lab.py: error: about ")
+    assert "processes and threads (the workers, their threads, the embedded PostgreSQL) exceed"\
+        in result.stderr and "(ulimit -u, kernel.threads-max)" in result.stderr
+
 # --- run_all.sh -----------------------------------------------------------------------
 
 

@@ -503,7 +503,7 @@ def test_a_crash_loop_backs_off_then_gives_up_while_the_lab_serves(box, warm_cac
     assert gave_up_at - stopped_at >= 2.5, gave_up_at - stopped_at  # waited 1 s, then 2 s
     time.sleep(1.5)
     attempts = (folder / "postgres.log").read_text().count("contains errors")
-    assert attempts == postgres.EmbeddedPostgres.RESTARTS, attempts  # no spinning, no more tries
+    assert attempts == postgres.Watcher.RESTARTS, attempts  # no spinning, no more tries
     assert not [c for c in psutil.Process(proc.pid).children() if c.name() == "postgres"]
     status, body = get(proc.url + "/only-database-call/")
     assert status == 503 and body["error"].startswith("database unavailable"), body
@@ -540,3 +540,28 @@ def test_a_stop_during_the_back_off_is_prompt_and_restarts_nothing(box, warm_cac
     stop(box, proc)
     assert time.monotonic() - asked < 3
     assert GAVE_UP not in "".join(proc.err)
+
+
+def test_a_full_tmpdir_is_one_line_naming_the_folder(warm_cache):
+    """TMPDIR on a full disk: one line with the cause and the folder, exit 2, nothing left
+    there. (A small tmpfs, filled: root only, as mounting one needs root.)"""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    full = Path(tempfile.mkdtemp(prefix="awlf-"))  # under /tmp: the server user may enter it
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,mode=1777", "tmpfs", str(full)],
+                      capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with open(full / "filler", "wb") as filler:  # all but a few blocks
+            filler.write(b"\0" * (1024 * 1024 - 64 * 1024))
+        env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+               "TMPDIR": str(full), "AWL_CACHE_DIR": str(warm_cache)}
+        result = subprocess.run([PY, "lab.py", "--database-only"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("lab.py: error: "), result.stderr
+        assert "No space left on device" in result.stderr and str(full) in result.stderr
+        assert sorted(p.name for p in full.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+        full.rmdir()

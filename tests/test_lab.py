@@ -318,3 +318,16 @@ def test_lab_copied_alone_as_root_asks_for_a_database(tmp_path):
     assert result.stderr.splitlines()[-1].startswith("lab.py: error: as root, PostgreSQL must "
                                                       "run as another user"), result.stderr
     assert "set DATABASE_URL, or put labkit/ beside lab.py" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["all", "asgi"])
+def test_each_answer_is_one_json_access_line(mode, start_slow_server, start_lab):
+    """The article's access log, one JSON object per request, under the gevent and the asgi
+    worker alike (the asgi worker hands the logger its own request-time type)."""
+    lab = start_lab(mode, start_slow_server(delay=0.05).url, delay=0.05)
+    assert get(lab.url + "/only-database-call/?seconds_to_sleep=0.1")[0] == 200
+    time.sleep(0.2)  # the line is written after the answer
+    lines = [json.loads(line) for line in lab.output.splitlines() if line.startswith("{")]
+    entry = next(e for e in lines if e["request"].startswith("GET /only-database-call/"))
+    assert entry["status"] == 200 and 0.1 <= entry["time_s"] < 1, entry
+    assert "Exception in" not in lab.output, lab.output
