@@ -7,9 +7,11 @@ be run against the same list.
 """
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,109 @@ def test_run_all_with_a_broken_path_names_what_is_missing(path):
     assert_one_error(result, "run_all.sh", f"not found on PATH: python3 (PATH={path})")
     help_text = run_all("--help", env={"PATH": path})
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: ./run_all.sh")
+
+
+# Mistakes found before anything starts: one line, exit 2, in seconds, nothing left in TMPDIR.
+
+@pytest.fixture
+def private_tmp():
+    """A TMPDIR of the test's own, as /tmp is (the embedded server's user must enter it, so
+    not under pytest's 0700 folders)."""
+    folder = Path(tempfile.mkdtemp(prefix="awle-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_all_refused(*args, tmp, env=None):
+    result = run_all("--delay", "0.2", *args, env={"TMPDIR": str(tmp), **(env or {})})
+    assert list(tmp.iterdir()) == []  # its work folder gone, no awl-pg-* made
+    return result
+
+
+@pytest.fixture
+def immutable():
+    """chattr +i: a file or folder even root may not write (undone after the test)."""
+    if not Path("/usr/bin/chattr").exists():
+        pytest.skip("no chattr here")
+    made = []
+
+    def make(path):
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i does not work on {path}'s file system")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+
+
+def test_run_all_refuses_an_empty_report_name(private_tmp):
+    assert_one_error(run_all_refused("--report", "", tmp=private_tmp), "run_all.sh",
+                     "--report needs a file name")
+
+
+def test_run_all_refuses_a_report_it_could_not_write(private_tmp, tmp_path, immutable):
+    """Not after the whole run (report.py: error: Permission denied, and a false "some
+    scenarios had responses other than 200"): before anything starts."""
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    (folder / "old.html").write_text("an old page\n")
+    immutable(folder / "old.html")
+    immutable(folder)
+    assert_one_error(run_all_refused("--report", str(folder / "new.html"), tmp=private_tmp),
+                     "run_all.sh", f"--report: cannot write into {folder}: permission denied")
+    assert_one_error(run_all_refused("--report", str(folder / "old.html"), tmp=private_tmp),
+                     "run_all.sh", f"--report: cannot write {folder / 'old.html'}: permission "
+                                   "denied")
+
+
+def test_run_all_refuses_a_report_in_a_folder_of_another_user(private_tmp):
+    if os.geteuid() == 0:
+        pytest.skip("root may write into any folder")
+    assert_one_error(run_all_refused("--report", "/root/x.html", tmp=private_tmp), "run_all.sh",
+                     "--report: cannot write into /root: permission denied")
+
+
+def test_run_all_checks_the_open_file_limit_before_starting_anything(private_tmp):
+    result = subprocess.run(["bash", "-c", 'ulimit -n 64 && exec ./run_all.sh "$@"', "-",
+                             "--delay", "0.2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False,
+                            env={**os.environ, "TMPDIR": str(private_tmp)})
+    assert_one_error(result, "run_all.sh", "lab.py --setup nothing: 1 requests at once per "
+                     "worker need about 67 open files, but the limit is 64 (raise it with "
+                     "ulimit -n, or lower --worker-connections)")
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_run_all_checks_that_postgresql_may_enter_tmpdir(private_tmp):
+    if os.geteuid() != 0:
+        pytest.skip("as root only: the embedded server then runs as another user")
+    private_tmp.chmod(0o700)
+    result = run_all_refused(tmp=private_tmp)
+    assert_one_error(result, "run_all.sh", "the embedded PostgreSQL cannot start: the "
+                     f"PostgreSQL user awl-postgres cannot enter {private_tmp} (mode 0700), "
+                     "where its data folder goes (TMPDIR): use a TMPDIR others may enter, such "
+                     "as /tmp")
+
+
+def test_a_lab_that_dies_at_start_is_named_by_its_own_error_line(tmp_path):
+    """Gunicorn's last words ("Worker failed to boot.") come after the cause."""
+    from labkit import run
+
+    log = tmp_path / "all.log"
+    log.write_text("lab.py: --setup all: gevent worker ...\n"
+                   "[2026-12-02 10:00:00 +0000] [7] [INFO] Booting worker with pid: 8\n"
+                   "lab.py: error: cannot start the database probe: Resource temporarily "
+                   "unavailable\n"
+                   "[2026-12-02 10:00:01 +0000] [7] [ERROR] Worker (pid:8) exited with code 3\n"
+                   "[2026-12-02 10:00:01 +0000] [7] [ERROR] Reason: Worker failed to boot.\n\n")
+    assert run.cause(log) == "cannot start the database probe: Resource temporarily unavailable"
+    log.write_text("[2026-12-02 10:00:01 +0000] [7] [ERROR] Reason: Worker failed to boot.\n")
+    assert run.cause(log) == "[2026-12-02 10:00:01 +0000] [7] [ERROR] Reason: Worker failed to boot."
+    assert run.cause(tmp_path / "missing.log") == "no output"
 
 
 # --- load.py --------------------------------------------------------------------------
