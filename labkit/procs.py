@@ -120,7 +120,11 @@ def owned_folder(parent, prefix, note=OWNER_NOTE):
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    (folder / note).write_text(json.dumps(owner_note()))
+    try:
+        (folder / note).write_text(json.dumps(owner_note()))
+    except OSError:  # a full disk: no folder without its note
+        folder.rmdir()
+        raise
     return folder
 
 

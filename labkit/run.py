@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # report.py sits beside lab.py
     sys.path.insert(0, str(ROOT))
 
+import lab
 import report
 
 PROG = "run_all.sh"  # the user's command: our lines bear its name
@@ -119,12 +120,14 @@ def run_all(run, options):
     setups = list(dict.fromkeys(s.setup for s in scenarios))
     for stale in procs.abandoned_folders(options.tmp, "awl-run-"):
         shutil.rmtree(stale, ignore_errors=True)  # the folder of a run killed with SIGKILL
-    run.work = procs.owned_folder(options.tmp, "awl-run-")
-    work = run.work
+    try:
+        work = run.work = procs.owned_folder(options.tmp, "awl-run-")
+    except OSError as exc:
+        raise Mistake(f"cannot create a folder in TMPDIR={options.tmp}: {exc.strerror}") from None
     slow_port, *lab_ports = free_ports(len(setups) + 1)
     slow_url = f"http://127.0.0.1:{slow_port}"
-    labs = {setup: lab_command(setup, port, slow_url, work, options)
-            for setup, port in zip(setups, lab_ports)}
+    ports = dict(zip(setups, lab_ports))
+    labs = {setup: lab_command(setup, ports[setup], slow_url, work, options) for setup in setups}
 
     check_before_starting(run, options, labs)
 
@@ -140,23 +143,21 @@ def run_all(run, options):
     url = options.database_url or wait_for_database_url(run, database, work / "database.out")
 
     run.phase = "set-up (starting the labs)"
-    services = [(slow, f"{slow_url}/healthz")]
-    for setup, (port, args) in labs.items():
+    lab_pids, services = {}, [(slow, f"{slow_url}/healthz")]
+    for setup, args in labs.items():
         lab = run.start(f"lab.py --setup {setup}", args, log=work / f"{setup}.log",
                         env={**os.environ, "DATABASE_URL": url},  # not on a command line: ps
                         stop_signal=signal.SIGINT, death_signal=signal.SIGINT)
-        services.append((lab, f"http://127.0.0.1:{port}/healthcheck/readiness"))
+        lab_pids[setup] = lab.popen.pid
+        services.append((lab, f"http://127.0.0.1:{ports[setup]}/healthcheck/readiness"))
     wait_until_answering(run, services)
-    lab_pids = {child.name.removeprefix("lab.py --setup "): child.popen.pid
-                for child, _ in services[1:]}
 
     run.write(banner(options))
     for number, scenario in enumerate(scenarios, 1):
         run.phase = f"scenario {scenario.setup} / {scenario.route}"
         run.write(heading(scenario, number, scenarios, options))
-        port = labs[scenario.setup][0]
-        run_scenario(run, scenario, number, f"http://127.0.0.1:{port}", lab_pids[scenario.setup],
-                     options)
+        run_scenario(run, scenario, number, f"http://127.0.0.1:{ports[scenario.setup]}",
+                     lab_pids[scenario.setup], options)
 
     run.phase = "the report"
     return report_results(run, options)
@@ -167,8 +168,6 @@ def planned(options):
     if options.scale:
         return [Scenario(row["setup"], row["route"], row["path"], compact(row["model"]),
                          row["requests"], row["concurrency"]) for row in plan.scale_rows()]
-    import lab
-
     return [Scenario(setup, route, lab.ROUTES[route].path,
                      compact(plan.model_formula(setup, route)), options.requests,
                      options.concurrency) for setup, route, _ in plan.scenarios(options.every)]
@@ -187,10 +186,10 @@ def lab_settings(setup, options):
 
 
 def lab_command(setup, port, slow_url, work, options):
-    """(port, lab.py's arguments) for SETUP's lab: its flags, its events and connections."""
+    """lab.py's arguments for SETUP's lab: its flags, its events and connections."""
     flags = [f"--{key.replace('_', '-')}={value}"
              for key, value in lab_settings(setup, options).items()]
-    return port, ["lab.py", "--setup", setup, "--bind", f"127.0.0.1:{port}",
+    return ["lab.py", "--setup", setup, "--bind", f"127.0.0.1:{port}",
                   "--slow-url", slow_url, "--delay", options.delay,
                   "--events", str(work / f"{setup}.events"),
                   "--connections", str(work / f"{setup}.connections"), *flags]
@@ -222,7 +221,7 @@ def check_before_starting(run, options, labs):
     what, args, database_env = database
     checks = [(what, run.start("lab.py --check", args, log=run.work / "check-database.log",
                                env=database_env))]
-    for setup, (_, args) in labs.items():
+    for setup, args in labs.items():
         checks.append((f"lab.py --setup {setup}", run.start(
             "lab.py --check", [*args, "--check"], log=run.work / f"check-{setup}.log", env=env)))
     for what, child in checks:
