@@ -3,10 +3,10 @@
 A terminal's Ctrl-C (SIGINT) and hang-up (SIGHUP) reach the whole foreground process group; a
 SIGTERM comes from kill or a supervisor. Whenever one lands, from the first line of the door to
 the first scenarios, the run must stop everything it started within 5 s, say so in one line
-and exit with 128 + the signal. The moments are spread over the start-up (the door, the checks,
-PostgreSQL, the labs booting) and the first scenarios of the default run and of --all, on a
-machine kept busy by two CPU burners, as on a loaded CI runner; the cache of the embedded
-PostgreSQL is warm (no initdb: tests/test_faults.py interrupts that one).
+and exit with 128 + the signal; a second signal changes nothing. The moments are spread over
+the start-up (the door, the checks, PostgreSQL, the labs booting) and the first scenarios of the
+default run and of --all, on a machine kept busy by two CPU burners, as on a loaded CI runner;
+the cache of the embedded PostgreSQL is warm (no initdb: tests/test_faults.py interrupts that).
 
 Each case is checked with test_faults.Sandbox: every process that carries the case's marker in
 its environment, names its TMPDIR on its command line or descends from the run (PostgreSQL's
@@ -47,11 +47,14 @@ MOMENTS = [
     (["--all"], (LABS, 2.0), HUP), (["--all"], (LABS, 3.0), INT),
     (["--all"], ("=== nothing / http", 0.1), TERM), (["--all"], ("=== nothing / db", 0.3), HUP),
     (["--all"], ("=== nothing / both", 0.5), INT),
+    # Ctrl-C pressed twice, a hang-up then the supervisor's SIGTERM: the second changes nothing.
+    ([], (LABS, 0.4), (INT, INT)), (["--all"], ("=== nothing / db", 0.3), (HUP, TERM)),
 ]
+AGAIN_AFTER = 0.2  # seconds between the two signals of a pair
 
 
 def moment_id(moment):
-    flags, when, sig = moment
+    flags, when, sigs = moment
     if isinstance(when, tuple):
         text, after = when
         place = "labs" if text == LABS else \
@@ -59,7 +62,12 @@ def moment_id(moment):
         when = f"{place}+{after:g}s"
     else:
         when = f"{when:g}s"
-    return f"{'all-' if flags else ''}{when}-{sig.name[3:].lower()}"
+    names = "-".join(sig.name[3:].lower() for sig in signals_of(sigs))
+    return f"{'all-' if flags else ''}{when}-{names}"
+
+
+def signals_of(sigs):
+    return sigs if isinstance(sigs, tuple) else (sigs,)
 
 
 def lab_started(box):
@@ -101,7 +109,8 @@ def busy_machine():
 
 @pytest.mark.parametrize("moment", MOMENTS, ids=[moment_id(m) for m in MOMENTS])
 def test_an_interrupt_at_any_moment_stops_everything(moment, busy_machine, warm_cache):
-    flags, when, sig = moment
+    flags, when, sigs = moment
+    sig, *again = signals_of(sigs)
     box = Sandbox()
     box.env["AWL_CACHE_DIR"] = str(warm_cache)
     try:
@@ -110,6 +119,12 @@ def test_an_interrupt_at_any_moment_stops_everything(moment, busy_machine, warm_
         assert proc.poll() is None, "".join(proc.err)[-3000:]
         sent = time.monotonic()
         os.killpg(proc.pid, sig)  # the whole process group, as a terminal sends it
+        for later in again:
+            time.sleep(AGAIN_AFTER)
+            try:
+                os.killpg(proc.pid, later)
+            except ProcessLookupError:  # all gone already
+                pass
         try:
             status = proc.wait(STOPPED_WITHIN + 5)
         except subprocess.TimeoutExpired:
