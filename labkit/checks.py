@@ -16,7 +16,6 @@ reserved slots) and shrinks the idle connections each worker keeps so that all f
 nothing: ./run_all.sh asks it first, for every lab of a run.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -95,7 +94,6 @@ def add_flags(parser):
                                              "(N C and the labs' flags on each line)")
     add("--json", action="store_true",
         help="with --list: setups, servers, routes and scenarios as one JSON object")
-    add("--sample-connections", action="store_true", help=argparse.SUPPRESS)  # older runs
 
 
 def check_flags(parser, args):
@@ -151,8 +149,6 @@ def command(args):
         return lambda args, stop: check_only(args)
     if args.database_only:
         return postgres.hold
-    if args.sample_connections:
-        return lambda args, stop: sampler.main()
     return None
 
 
