@@ -302,6 +302,13 @@ def immutable():
         subprocess.run(["chattr", "-i", str(path)], check=False)
 
 
+def test_lab_check_database_only_checks_and_starts_nothing(private_tmp):
+    """What ./run_all.sh asks before it starts the embedded PostgreSQL: 0, and nothing made."""
+    result = run_lab("--check", "--database-only", env={"TMPDIR": str(private_tmp)})
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert list(private_tmp.iterdir()) == []
+
+
 def test_run_all_refuses_an_empty_report_name(private_tmp):
     assert_one_error(run_all_refused("--report", "", tmp=private_tmp), "run_all.sh",
                      "--report needs a file name")
