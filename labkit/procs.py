@@ -4,10 +4,12 @@ Three tools from Linux, used by lab.py's kit and by run_all alike:
 
 - the parent-death signal (prctl PR_SET_PDEATHSIG): the kernel signals a child when its parent
   dies, even by SIGKILL, which no handler sees;
-- /proc/PID/stat: whether a process still runs (not a zombie), its parent, its CPU time and
-  its start time (a PID is reused, a PID with its start time is not);
+- /proc/PID/stat: whether a process still runs (not a zombie), its parent, its process group
+  (what a child started and left behind), its CPU time and its start time (a PID is reused, a
+  PID with its start time is not);
 - owner notes: a JSON file in each folder we create naming the process that made it, so that
-  the next start can remove what a kill -9 left behind.
+  the next start can remove what a kill -9 left behind (the embedded PostgreSQL's awl-pg-*
+  folders and a run's awl-run-* folder alike).
 """
 
 import json
