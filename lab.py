@@ -746,12 +746,11 @@ def gunicorn_settings(options, hooks):
         "graceful_timeout": 3,
         "post_fork": worker_post_fork(setup.post_fork),
         "post_worker_init": worker_ready(options.booted),
+        "worker_exit": worker_exit,
         **hooks,
     }
     if setup.on_starting:
         settings["on_starting"] = setup.on_starting
-    if SERVERS[setup.server].app == "asgi":
-        settings["worker_exit"] = close_async_client
     return settings
 
 
@@ -802,8 +801,10 @@ def json_access_logger(boot_error):
 
 
 # A terminal sends these to its whole foreground process group: Ctrl-C, and SIGHUP when it is
-# closed (tmux kill-session, a closed window). The master stops the workers for both.
+# closed (tmux kill-session, a closed window). The master stops the workers for both, with
+# SIGQUIT or SIGTERM.
 TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
+MASTER_STOPS = {signal.SIGQUIT, signal.SIGTERM}
 
 
 def worker_post_fork(setup_hook):
@@ -812,12 +813,23 @@ def worker_post_fork(setup_hook):
     also while it boots. Then the setup's hook.
 
     SIGKILL, not SIGTERM: a master killed with SIGKILL was meant to be gone, and a worker inside
-    a query (sync, or gevent with psycopg2 blocking) would only see a SIGTERM once it returns."""
+    a query (sync, or gevent with psycopg2 blocking) would only see a SIGTERM once it returns.
+
+    The master's own stop signals are held back too, until Gunicorn's init_signals() has set
+    the worker's handlers: until then the worker still has the master's, which take a SIGQUIT
+    or SIGTERM and drop it, and the master kills the worker 3 s later ("was sent SIGKILL!")."""
 
     def post_fork(server, worker):
-        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, TERMINAL_SIGNALS | MASTER_STOPS)
         die_with_parent(signal.SIGKILL, worker.ppid)
         log_unparsed_requests(worker)
+        init_signals = worker.init_signals
+
+        def init_signals_then_take_stops():
+            init_signals()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_STOPS)
+
+        worker.init_signals = init_signals_then_take_stops
         if setup_hook:
             setup_hook(server, worker)
 
@@ -842,13 +854,23 @@ def worker_ready(booted):
     return post_worker_init
 
 
-def close_async_client(server, worker):
-    """worker_exit of the asgi setups: close aiohttp's connections before the interpreter
-    tears down, also when the worker skipped ASGI's lifespan shutdown (a quick stop)."""
+def worker_exit(server, worker):
+    """Gunicorn's worker_exit, the worker's last word: close aiohttp's connections (the asgi
+    setups, also when the worker skipped ASGI's lifespan shutdown), then leave at once with
+    the worker's exit status. An interpreter's tear-down took 1.5 s a worker, which a stop of
+    ten sync workers waits for; the logs are flushed, and nothing else needs it."""
     from django.conf import settings
 
-    if settings.configured:
+    if settings.configured and settings.LAB.async_slow_service is not None:
         settings.LAB.async_slow_service.close_now()
+    leaving = sys.exc_info()[1]  # Gunicorn calls this on the way out: sys.exit(0), or 3
+    code = leaving.code if isinstance(leaving, SystemExit) else 1 if leaving else 0
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 class UnparsedRequest:
