@@ -50,12 +50,33 @@ def read_figures(path):
         figures = json.loads(Path(path).read_text())
         if not all(key in figures for key in ("requests", "concurrency", "total_s", "timeline")):
             raise ValueError
-        return figures
     except FileNotFoundError:
         raise ReportError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not load.py's JSON figures"
         raise ReportError(f"{path}: {reason}") from None
+    found = non_finite(figures)
+    if found:
+        field, literal = found
+        raise ReportError(f"{path}: not load.py's JSON figures: {field} is {literal}, "
+                          "not a finite number")
+    return figures
+
+
+def non_finite(value, where=""):
+    """(field, literal) of the first NaN or infinity in parsed JSON, or None. Python's json
+    reads the literals NaN, Infinity and -Infinity (and 1e999 as infinity); load.py never
+    writes them, and a table of them would read "nan s ... ok"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the file", {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value, "NaN")
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = non_finite(item, f"{where}[{key}]" if isinstance(key, int)
+                           else f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def article_total(setup, route):

@@ -135,6 +135,36 @@ def test_a_file_that_is_not_load_figures_is_one_line(tmp_path, content):
     assert "not load.py's JSON figures" in result.stderr and "Traceback" not in result.stderr
 
 
+FIGURES = {"requests": 2, "concurrency": 2, "total_s": 0.5, "rps": 4.0, "status_codes": {"200": 2},
+           "errors": {}, "latency_distribution": {"50": 0.25},
+           "timeline": [{"start_s": 0.0, "end_s": 0.25, "status": 200},
+                        {"start_s": 0.0, "end_s": 0.5, "status": 200}]}
+
+
+@pytest.mark.parametrize("field, literal, text", [
+    ("total_s", "NaN", '"total_s": NaN'),
+    ("rps", "Infinity", '"rps": Infinity'),
+    ("timeline[1].end_s", "-Infinity", '"end_s": -Infinity'),
+    ("latency_distribution.50", "Infinity", '"50": 1e999'),  # too big for a float: infinity
+])
+def test_figures_that_are_not_finite_numbers_are_refused(tmp_path, field, literal, text):
+    """Python's json reads NaN and Infinity; a table of them would say "nan s ... ok"."""
+    good = json.dumps(FIGURES)
+    old = {"total_s": '"total_s": 0.5', "rps": '"rps": 4.0', "timeline[1].end_s": '"end_s": 0.5',
+           "latency_distribution.50": '"50": 0.25'}[field]
+    path = tmp_path / "01-all-db.json"
+    path.write_text(good.replace(old, text))
+    assert path.read_text() != good
+    message = (f"report.py: error: {path}: not load.py's JSON figures: {field} is {literal}, "
+               "not a finite number\n")
+    for args in (["--delay", "1", str(path)], ["--delay", "1", "--json", str(path)],
+                 ["blocking", str(path)]):
+        result = run(["report.py", *args])
+        assert (result.returncode, result.stderr, result.stdout) == (2, message, ""), args
+    path.write_text(good)
+    assert run(["report.py", "--delay", "1", str(path)]).returncode == 0
+
+
 # --- Real load.py figures ----------------------------------------------------------------------
 
 class Handler(BaseHTTPRequestHandler):
