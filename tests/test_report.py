@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run
@@ -319,6 +320,70 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert "Event loop: never blocked over 0.1 s" in text
     assert "<h2>Setups side by side</h2>" in text and text.count('<g class="setup"') == 3
     assert "lab.py:143 sleep_in_database &lt;- lab.py:119 only_database_call" in text
+
+
+# Places that refuse a new file, as root too (tests run as root in CI): sysfs makes none
+# (EACCES; EROFS where it is mounted read-only), /proc has no such entry to open, and every
+# write to /dev/full fails as on a full disk.
+UNWRITABLE = [
+    ("/sys/report.html", ("Permission denied", "Read-only file system")),
+    ("/proc/report.html", ("No such file or directory",)),
+    ("/dev/full", ("No space left on device",)),
+]
+
+
+@pytest.mark.parametrize("path, causes", UNWRITABLE, ids=["sysfs", "proc", "dev-full"])
+@pytest.mark.parametrize("json_lines", [False, True], ids=["table", "json"])
+def test_a_page_that_cannot_be_written_comes_after_the_whole_table(results, path, causes,
+                                                                   json_lines):
+    flags = ["--delay", str(DELAY), *(["--json"] if json_lines else [])]
+    alone = run(["report.py", *flags, *report_files(results)])
+    assert alone.returncode == 1 and alone.stdout.count("\n") == len(SCENARIOS) + (not json_lines)
+    # One stream, as on a terminal: the table must not be stuck in a buffer behind the error.
+    merged = subprocess.run([sys.executable, "report.py", *flags, "--html", path,
+                             *report_files(results)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60, check=False)
+    assert merged.returncode == 2, "the page unwritten (2), not only some responses not 200 (1)"
+    assert merged.stdout.startswith(alone.stdout), merged.stdout
+    error = merged.stdout[len(alone.stdout):]
+    assert error in [f"report.py: error: --html {path}: cannot write the page: {cause}\n"
+                     for cause in causes], error
+    assert not Path(path).exists() or path == "/dev/full"
+
+
+def test_a_page_that_cannot_be_written_is_exit_2_even_when_all_went_well(results, tmp_path):
+    (tmp_path / "01-nothing-both.json").write_text((results / "01-nothing-both.json").read_text())
+    result = run(["report.py", "--delay", str(DELAY), "--html", "/dev/full",
+                  str(tmp_path / "01-nothing-both.json")])
+    assert result.returncode == 2 and result.stdout.count(" ok\n") == 1, result
+    assert result.stderr == ("report.py: error: --html /dev/full: cannot write the page: "
+                             "No space left on device\n")
+
+
+def test_a_page_written_again_replaces_the_old_one_whole(results, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text("the old page\n")
+    page.chmod(0o640)
+    link = tmp_path / "link.html"
+    link.symlink_to(page.name)
+    result = run(["report.py", "--delay", str(DELAY), "--html", str(link),
+                  *report_files(results)])
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    assert link.is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
+    assert page.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "report.html"]
+
+
+def test_run_all_tells_a_page_not_written_from_responses_not_200():
+    """Not "some scenarios had responses other than 200": report.py's own line says what."""
+    result = subprocess.run(["./run_all.sh", "--delay", "0.05", "-n", "1", "-c", "1",
+                             "--report", "/dev/full"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "all / fanout" in result.stdout and result.stdout.rstrip().endswith("ok")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "report.py: error: --html /dev/full: cannot write the page: No space left on device")
+    assert "other than 200" not in result.stderr and "wrote" not in result.stderr, result.stderr
 
 
 def test_a_report_into_a_missing_folder_is_refused_before_running():
