@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from conftest import assert_one_error
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
@@ -286,11 +287,7 @@ URL = "http://127.0.0.1:9/"
 ])
 def test_bad_command_lines_give_one_line_and_exit_2(args, message):
     proc, _ = run_cli(*args)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("load.py: error: ") and message in proc.stderr
-    assert proc.stdout == ""
+    assert_one_error(proc, "load.py", message)
 
 
 # --- Real runs -------------------------------------------------------------------

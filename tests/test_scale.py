@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import embedded_database, get, load, run
+from conftest import assert_one_error, embedded_database, get, load, run
 
 import report
 from labkit import plan
@@ -120,10 +120,7 @@ def test_peak_connections_figure(start_lab, start_slow_server, tmp_path, setup, 
     (["--worker-connections", "0"], "--worker-connections must be from 1 to 10000"),
 ])
 def test_scale_flag_errors_are_one_line(flags, message):
-    result = run(["lab.py", *flags])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lab.py: error: ") and message in lines[0], lines
+    assert_one_error(run(["lab.py", *flags]), "lab.py", message)
 
 
 def test_scale_list_has_counts_and_flags():

@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_one_error
 
 sys.path.insert(0, str(ROOT))
 
@@ -117,9 +117,7 @@ def test_nothing_is_left_behind(run_all):
 def test_bad_flags_give_one_line(flags, words):
     result = subprocess.run(["./run_all.sh", *flags], cwd=ROOT, capture_output=True, text=True,
                             timeout=30, check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("run_all.sh: error:") and words in result.stderr
+    assert_one_error(result, "run_all.sh", words)
 
 
 # --- The timelines and the event loop's blocking, from the same run -------------------------------

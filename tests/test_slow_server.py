@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "slow_server.py"
 sys.path.insert(0, str(ROOT))
 
-from conftest import free_port
+from conftest import assert_one_error, free_port
 
 import slow_server
 
@@ -358,17 +358,6 @@ def run_server(*args):
     )
 
 
-def assert_one_error_line(result, message=None):
-    """Exit 2 and exactly one line, "slow_server.py: error: ...", on stderr; nothing else."""
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("slow_server.py: error: "), result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    if message is not None:
-        assert result.stderr == f"slow_server.py: error: {message}\n"
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -385,22 +374,20 @@ def assert_one_error_line(result, message=None):
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):
-    assert_one_error_line(run_server(*args), message)
+    assert_one_error(run_server(*args), "slow_server.py", message=message)
 
 
 def test_host_that_does_not_resolve_is_one_line():
     result = run_server("--bind", "nonexistent.invalid:8000")
-    assert_one_error_line(result)
-    assert "cannot listen on nonexistent.invalid:8000: nonexistent.invalid does not resolve" in (
-        result.stderr
-    )
+    assert_one_error(result, "slow_server.py",
+                     "cannot listen on nonexistent.invalid:8000: nonexistent.invalid does not "
+                     "resolve")
 
 
 def test_address_that_is_not_ours_is_one_line():
     # 192.0.2.1 is TEST-NET-1: documentation only, never an address of this machine.
     result = run_server("--bind", "192.0.2.1:8000")
-    assert_one_error_line(result)
-    assert "cannot listen on 192.0.2.1:8000: " in result.stderr
+    assert_one_error(result, "slow_server.py", "cannot listen on 192.0.2.1:8000: ")
 
 
 def test_busy_port_exits_2_naming_the_port():
@@ -409,7 +396,8 @@ def test_busy_port_exits_2_naming_the_port():
         taken.listen()
         port = taken.getsockname()[1]
         result = run_server("--bind", f"127.0.0.1:{port}")
-    assert_one_error_line(result, f"port {port} on 127.0.0.1 is already in use")
+    assert_one_error(result, "slow_server.py",
+                     message=f"port {port} on 127.0.0.1 is already in use")
 
 
 def test_startup_line_names_the_port_and_delay():
