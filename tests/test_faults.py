@@ -1,5 +1,6 @@
-"""Faults and bad input, on real processes: one clear line for bad input, counted errors for
-faults while serving, and nothing left behind after a signal.
+"""Faults, on real processes: counted errors for faults while serving, nothing left behind
+after a signal, and safe defaults. (Bad flags and environments, one line each: in
+tests/test_cli_errors_tools.py.)
 
 "Nothing left behind" is checked with the sandbox of tests/conftest.py, which follows every
 process a test starts: after the signal, every recorded process must be gone and the private
@@ -75,117 +76,7 @@ def listening_addresses(pid):
             if c.status == psutil.CONN_LISTEN}
 
 
-# --- 1. bad input: one line, exit 2, no traceback ----------------------------------------------
-# (tests/test_lab.py, test_load.py, test_slow_server.py and test_scenarios.py cover the rest)
-
-def env_without_database(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(extra)
-    return env
-
-
-@pytest.mark.parametrize("url, words", [
-    ("mysql://u@localhost/db", ["database URL"]),
-    ("not a url", ["database URL"]),
-    ("postgresql://u@localhost:99999/db", ["database URL", "port"]),
-    ("postgresql://u@127.0.0.1:1/x", ["cannot reach PostgreSQL", "port 1"]),
-])
-def test_bad_database_url_from_the_environment(url, words):
-    result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}"],
-                 env=env_without_database(DATABASE_URL=url))
-    assert_one_error(result, "lab.py", *words)
-
-
-def test_unreachable_database_with_the_default_bind():
-    """The issue's own example; only a busy port 8000 (checked first) may be named instead."""
-    started = time.monotonic()
-    result = run(["lab.py", "--database-url", "postgresql://u@127.0.0.1:1/x"],
-                 env=env_without_database())
-    line = assert_one_error(result, "lab.py")
-    assert "cannot reach PostgreSQL" in line or "port 8000" in line, line
-    assert time.monotonic() - started < 15
-
-
-def test_database_password_is_not_echoed_in_errors():
-    for url in ("postgresql://u:s3cret-pw@localhost:99999/db",
-                "postgresql://u:s3cret-pw@127.0.0.1:1/x",
-                "mysql://u:s3cret-pw@localhost/db"):
-        result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}"],
-                     env=env_without_database(DATABASE_URL=url))
-        assert_one_error(result, "lab.py")
-        assert "s3cret-pw" not in result.stderr, result.stderr
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--db-pool", "-1"], ["--db-pool"]),
-    (["--db-pool", "101"], ["--db-pool"]),
-    (["--http-timeout", "nan"], ["--http-timeout"]),
-    (["--http-timeout", "301"], ["--http-timeout"]),
-    (["--delay", "nan"], ["--delay"]),
-    (["--delay", "inf"], ["--delay"]),
-    (["--workers", "many"], ["--workers"]),
-    (["--bind", ":8000"], ["--bind"]),
-    (["--bind", "[::1]:"], ["--bind"]),
-    (["--bind", "192.0.2.1:8000"], ["192.0.2.1:8000"]),  # TEST-NET-1: not ours to bind
-    (["--bind", "nonexistent.invalid:8000"], ["nonexistent.invalid"]),
-    (["--slow-url", "localhost:8001"], ["--slow-url"]),
-])
-def test_more_bad_lab_flags(flags, words):
-    result = run(["lab.py", "--database-url", "postgresql://u@127.0.0.1:1/x", *flags],
-                 env=env_without_database())
-    assert_one_error(result, "lab.py", *words)
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--delay", "-1"], "--delay"),
-    (["--delay", "60.5"], "--delay"),
-    (["--delay", ""], "--delay"),
-    (["-n", "abc"], "-n"),
-    (["-n", "-5"], "-n"),
-    (["-c", "1.5"], "-c"),
-    (["stray"], "stray"),
-])
-def test_more_bad_run_all_flags(flags, words):
-    result = subprocess.run(["./run_all.sh", *flags], cwd=ROOT, capture_output=True, text=True,
-                            timeout=30, check=False)
-    assert_one_error(result, "run_all.sh", words)
-
-
-@pytest.mark.parametrize("args, words", [
-    (["-t", "nan"], "-t"),
-    (["-t", "inf"], "-t"),
-    (["-t", "1e300"], "-t"),
-    (["-q", "nan"], "-q"),
-    (["-q", "inf"], "-q"),
-    (["-q", "1e-300"], "-q"),
-    (["-z", "99999999h"], "-z"),
-    (["-c", "1000000", "-n", "1000000"], "-c"),
-    (["-H", "X: a\r\nInjected: b"], "-H"),
-    (["-H", "Bad Name: x"], "-H"),
-    (["-H", ": x"], "-H"),
-    (["http://[::1"], "URL"),
-])
-def test_more_bad_load_flags(args, words):
-    if not args[-1].startswith("http"):
-        args = [*args, "http://127.0.0.1:9/"]
-    result = run(["load.py", "-n", "1", "-c", "1", *args], timeout=30)
-    assert_one_error(result, "load.py", words)
-
-
-def test_load_too_many_threads_for_the_system_is_one_line():
-    """-c within bounds but over what the system allows (here an address-space limit)."""
-    import resource
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (1_000_000_000, 1_000_000_000))
-
-    result = subprocess.run([PY, "load.py", "-n", "2000", "-c", "2000", "-t", "2",
-                             "http://127.0.0.1:9/"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60, check=False, preexec_fn=limit)
-    assert_one_error(result, "load.py", "threads", "-c")
-
-
-# --- 2. faults while serving: counted, not crashed ---------------------------------------------
+# --- 1. faults while serving: counted, not crashed ---------------------------------------------
 
 @pytest.mark.parametrize("mode", ["nothing", "all"])
 def test_slow_service_never_started_is_a_502_at_once(mode, start_lab):
@@ -486,7 +377,7 @@ def test_25_workers_boot_against_the_embedded_server(sandbox, warm_cache):
     assert "database unavailable" not in err
 
 
-# --- 3. nothing left behind ------------------------------------------------------------------
+# --- 2. nothing left behind ------------------------------------------------------------------
 
 def wait_for_text(proc, text, timeout):
     wait_until(lambda: text in "".join(proc.out), timeout, f"{text!r} on stdout")
@@ -632,7 +523,7 @@ def test_lab_killed_takes_postgres_and_workers_with_it(sandbox, warm_cache):
     # tests/test_embedded_postgres.py); here the sandbox removes it.
 
 
-# --- 5. safe defaults -------------------------------------------------------------------------
+# --- 3. safe defaults -------------------------------------------------------------------------
 
 def test_lab_binds_to_loopback_by_default_and_warns_otherwise(database_url, sandbox):
     default_port = int(lab.DEFAULT_BIND.rsplit(":", 1)[1])

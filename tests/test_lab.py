@@ -8,7 +8,7 @@ import time
 
 import psycopg2
 import pytest
-from conftest import ROOT, assert_one_error, free_port, get, load, module_lab, run
+from conftest import ROOT, assert_one_error, free_port, get, load, module_lab
 
 sys.path.insert(0, str(ROOT))
 
@@ -101,48 +101,6 @@ def test_almost_all_db_is_serial_and_all_db_overlaps(slow, start_lab):
     assert serial["status_codes"] == overlapped["status_codes"] == {"200": 10}
     assert 10 * DELAY * 0.95 <= serial["total_s"] <= 10 * DELAY * 1.3
     assert DELAY * 0.95 <= overlapped["total_s"] <= DELAY * 2
-
-
-# --- bad input: one line on stderr, exit status 2, nothing left running ----------------------
-
-def test_unknown_patch_mode():
-    assert_one_error(run(["lab.py", "--patch", "everything"]), "lab.py", "--patch")
-
-
-@pytest.mark.parametrize("bind", ["8000", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000"])
-def test_malformed_bind(bind):
-    assert_one_error(run(["lab.py", "--bind", bind, "--database-url",
-                          "postgresql://u@127.0.0.1:1/x"]), "lab.py", "--bind")
-
-
-def test_busy_port_is_named(database_url):
-    import socket
-
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        result = run(["lab.py", "--bind", f"127.0.0.1:{port}", "--database-url", database_url])
-    assert_one_error(result, "lab.py", str(port), "in use")
-
-
-@pytest.mark.parametrize("url", ["mysql://u@localhost/db", "postgresql://u@localhost:99999/db"])
-def test_bad_database_url(url):
-    assert_one_error(run(["lab.py", "--bind", f"127.0.0.1:{free_port()}",
-                          "--database-url", url]), "lab.py", "database URL")
-
-
-def test_unreachable_database():
-    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}", "--database-url", url])
-    assert_one_error(result, "lab.py", "cannot reach PostgreSQL")
-
-
-@pytest.mark.parametrize("flags", [["--delay", "-1"], ["--delay", "61"], ["--workers", "0"],
-                                   ["--http-timeout", "0"], ["--slow-url", "ftp://x"]])
-def test_out_of_range_flags(flags):
-    assert_one_error(run(["lab.py", "--database-url", "postgresql://u@127.0.0.1/x",
-                          "--bind", f"127.0.0.1:{free_port()}", *flags]), "lab.py")
 
 
 # --- the event-loop monitor: the blocking call, named --------------------------------------

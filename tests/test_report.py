@@ -380,15 +380,6 @@ def test_run_all_tells_a_page_not_written_from_responses_not_200():
     assert "other than 200" not in result.stderr and "wrote" not in result.stderr, result.stderr
 
 
-def test_a_report_into_a_missing_folder_is_refused_before_running():
-    started = time.monotonic()
-    result = subprocess.run(["./run_all.sh", "--delay", "0.2", "--report", "no/such/dir/r.html"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
-    assert time.monotonic() - started < 10
-    line = assert_one_error(result, "run_all.sh")
-    assert line.startswith("run_all.sh: error: --report: no such directory"), line
-
-
 # --- ...drawn by a real browser -----------------------------------------------------------------
 
 # Appended to a copy of the page only: the report itself has no script. It writes what the

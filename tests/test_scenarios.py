@@ -15,7 +15,7 @@ import time
 
 import psutil
 import pytest
-from conftest import ROOT, assert_one_error
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
 
@@ -103,21 +103,6 @@ def test_nothing_is_left_behind(run_all):
     assert not processes_left, [psutil.Process(p).cmdline() for p in processes_left
                                 if psutil.pid_exists(p)]
     assert not folders_left
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--bogus"], "unknown flag '--bogus'"),
-    (["--delay", "abc"], "--delay"),
-    (["--delay", "0"], "--delay"),
-    (["--delay", "61"], "--delay"),
-    (["-n", "5", "-c", "10"], "-n cannot be less than -c"),
-    (["-c", "0"], "-c"),
-    (["-n"], "-n needs a value"),
-])
-def test_bad_flags_give_one_line(flags, words):
-    result = subprocess.run(["./run_all.sh", *flags], cwd=ROOT, capture_output=True, text=True,
-                            timeout=30, check=False)
-    assert_one_error(result, "run_all.sh", words)
 
 
 # --- The timelines and the event loop's blocking, from the same run -------------------------------
