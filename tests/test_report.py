@@ -8,6 +8,7 @@ them, with lab.py event records (SETUP.events) next to them.
 
 import itertools
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -385,11 +387,12 @@ def test_run_all_tells_a_page_not_written_from_responses_not_200():
 # Appended to a copy of the page only: the report itself has no script. It writes what the
 # browser laid out into the DOM, so --dump-dom shows geometry, not just the markup we wrote.
 MEASURE_SCRIPT = """<script>
-for (const bar of document.querySelectorAll("rect.bar")) {
+for (const bar of document.querySelectorAll("rect.bar, svg.timeline")) {
   const box = bar.getBoundingClientRect();
   bar.dataset.drawn = [box.x, box.y, box.width, box.height].map(Math.round).join(",");
   bar.dataset.fill = getComputedStyle(bar).fill;
 }
+document.body.dataset.height = document.documentElement.scrollHeight;
 </script>"""
 
 
@@ -410,17 +413,21 @@ def chromium(*args):
 
 
 class BarCollector(HTMLParser):
-    """The rect.bar elements of each timeline <svg>, by its data-scenario, with attributes."""
+    """The rect.bar elements of each timeline <svg>, by its data-scenario, with attributes;
+    the <svg> elements' own attributes, and the <body>'s."""
 
     def __init__(self):
         super().__init__()
-        self.bars, self.scenario = {}, None
+        self.bars, self.svgs, self.body, self.scenario = {}, {}, {}, None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "svg" and "timeline" in attrs.get("class", "").split():
+        if tag == "body":
+            self.body = attrs
+        elif tag == "svg" and "timeline" in attrs.get("class", "").split():
             self.scenario = attrs["data-scenario"]
             self.bars[self.scenario] = []
+            self.svgs[self.scenario] = attrs
         elif (tag == "rect" and "bar" in attrs.get("class", "").split()
               and self.scenario is not None):  # not the bars of the side-by-side picture
             self.bars[self.scenario].append(attrs)
@@ -453,14 +460,98 @@ def test_chromium_draws_one_bar_per_request_in_each_scenario(page, results, tmp_
     assert len(set.union(*fills.values())) == 3
 
 
-def test_chromium_screenshots_the_page(page, tmp_path):
-    shot = tmp_path / "report.png"
-    chromium(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri())
-    data = shot.read_bytes()
+def png_pixels(data):
+    """(width, height, pixel): a PNG of 8-bit RGB or RGBA, as Chromium writes its screenshots,
+    decoded with zlib alone; pixel(x, y) is (r, g, b)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
-    assert (width, height) == (1200, 3000)
-    assert len(data) > 20_000, "a blank page compresses to a few kB"
+    position, packed = 8, []
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        position += 12 + length  # length, type, body, CRC
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert (depth, interlace) == (8, 0) and colour in (2, 6), (depth, colour, interlace)
+            size = 3 if colour == 2 else 4  # bytes a pixel: RGB or RGBA
+        elif kind == b"IDAT":
+            packed.append(body)
+        elif kind == b"IEND":
+            break
+    raw, stride, rows = zlib.decompress(b"".join(packed)), width * size, []
+    above = bytearray(stride)
+    for y in range(height):  # each row: a filter byte, then the row filtered by it
+        start = y * (stride + 1)
+        kind, row = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        if kind == 1:  # Sub: plus the byte to the left
+            for i in range(size, stride):
+                row[i] = (row[i] + row[i - size]) & 255
+        elif kind == 2:  # Up: plus the byte above
+            row = bytearray((a + b) & 255 for a, b in zip(row, above, strict=True))
+        elif kind == 3:  # Average of left and above
+            for i in range(stride):
+                row[i] = (row[i] + ((row[i - size] if i >= size else 0) + above[i]) // 2) & 255
+        elif kind == 4:  # Paeth: whichever of left, above, upper left is nearest their sum
+            for i in range(stride):
+                a = row[i - size] if i >= size else 0
+                b, c = above[i], above[i - size] if i >= size else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(row)
+        above = row
+
+    def pixel(x, y):
+        return tuple(rows[y][x * size:x * size + 3])
+
+    return width, height, pixel
+
+
+def near(colour, other, tolerance=24):
+    return max(abs(a - b) for a, b in zip(colour, other, strict=True)) <= tolerance
+
+
+def test_the_screenshot_shows_each_bar_where_its_svg_puts_it_in_its_colour(page, tmp_path):
+    """What a reader sees, not what the markup says: in Chromium's screenshot of the page,
+    the middle of each bar (the <svg>'s place on the page, measured in a copy, plus the bar's
+    x, y, width and height in it) has the colour the page's style gives its status, and just
+    past its end the bar's colour is gone. An error bar is white inside a red outline."""
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", MEASURE_SCRIPT + "</body>"))
+    collector = BarCollector()
+    collector.feed(chromium("--dump-dom", "--window-size=1200,3000", measured.as_uri()))
+    height = int(collector.body["data-height"])  # the whole page, in one screenshot
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri())
+    width, shot_height, pixel = png_pixels(shot.read_bytes())
+    assert (width, shot_height) == (1200, height), "one CSS pixel, one pixel of the image"
+
+    def rgb(hex_colour):  # #3a923a or #fff
+        return tuple(bytes.fromhex(hex_colour if len(hex_colour) == 6
+                                   else "".join(digit * 2 for digit in hex_colour)))
+
+    style = page.read_text()  # the page's own <style>
+    colours = {kind: rgb(value) for kind, value in
+               re.findall(r"\.(s\dxx|error) \{ fill: #([0-9a-f]+);", style)}
+    red = rgb(re.search(r"\.error \{[^}]*stroke: #([0-9a-f]+);", style)[1])
+    assert len({colours["s2xx"], colours["s5xx"], colours["error"]}) == 3, colours
+    seen = Counter()
+    for scenario, bars in collector.bars.items():
+        left, top = map(int, collector.svgs[scenario]["data-drawn"].split(",")[:2])
+        for bar in bars:
+            kind = bar["class"].split()[1]
+            assert kind in colours, (scenario, "a bar of no status the page colours", bar)
+            x, y, w, h = (float(bar[key]) for key in ("x", "y", "width", "height"))
+            assert w >= 4 and h >= 4, (scenario, bar)  # wide and tall enough to look inside
+            middle_x, middle_y = round(left + x + w / 2), round(top + y + h / 2)
+            assert near(pixel(middle_x, middle_y), colours[kind]), (scenario, kind, bar)
+            if kind == "error":  # white, as the page: its dashed outline is what shows
+                outline = [pixel(round(left + x + i), round(top + y)) for i in range(int(w))]
+                assert sum(near(colour, red, 60) for colour in outline) > w / 3, (scenario, bar)
+            else:
+                assert not near(pixel(round(left + x + w + 3), middle_y), colours[kind]), (
+                    scenario, "drawn past its end", bar)
+            seen[kind] += 1
+    assert seen == {"s2xx": 4 + 6 + 3, "s5xx": 3, "error": 3}, seen
 
 
 def test_connections_left_after_a_burst_only_when_the_lab_was_left_alone(tmp_path):
