@@ -6,8 +6,10 @@ one scenario also answering 503 or hanging up), saved as NN-SETUP-ROUTE.json as 
 them, with lab.py event records (SETUP.events) next to them.
 """
 
+import contextlib
 import itertools
 import json
+import os
 import re
 import shutil
 import struct
@@ -354,6 +356,34 @@ def test_a_page_that_cannot_be_written_is_exit_2_even_when_all_went_well(results
     assert_one_error(result, "report.py", message="--html /dev/full: cannot write the page: "
                      "No space left on device", stdout=None)
     assert result.stdout.count(" ok\n") == 1, result.stdout
+
+
+def test_a_page_on_a_full_disk_leaves_no_half_page_and_the_old_one_whole(results):
+    """A regular file on a really full file system (a small tmpfs, filled: root only, as
+    mounting one needs root), where /dev/full above is a device written to directly."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    full = Path(tempfile.mkdtemp(prefix="awlr-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                      capture_output=True, check=False).returncode:
+        full.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        page = full / "report.html"
+        page.write_text("the old page\n")
+        with open(full / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:  # every block left
+                filler.write(b"\0" * 4096)
+        result = run(["report.py", "--delay", str(DELAY), "--html", str(page),
+                      *report_files(results)])
+        assert_one_error(result, "report.py", message=f"--html {page}: cannot write the page: "
+                         "No space left on device", stdout=None)
+        assert result.stdout.count("\n") == 1 + len(SCENARIOS), "the table, whole"
+        assert page.read_text() == "the old page\n"
+        assert sorted(p.name for p in full.iterdir()) == ["filler", "report.html"]
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+        full.rmdir()
 
 
 def test_a_page_written_again_replaces_the_old_one_whole(results, tmp_path):
