@@ -545,9 +545,7 @@ def test_a_full_tmpdir_is_one_line_naming_the_folder(warm_cache):
                "TMPDIR": str(full), "AWL_CACHE_DIR": str(warm_cache)}
         result = subprocess.run([PY, "lab.py", "--database-only"], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60, check=False)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith("lab.py: error: "), result.stderr
-        assert "No space left on device" in result.stderr and str(full) in result.stderr
+        assert_one_error(result, "lab.py", "No space left on device", str(full))
         assert sorted(p.name for p in full.iterdir()) == ["filler"]
     finally:
         subprocess.run(["umount", str(full)], check=False)
