@@ -12,9 +12,13 @@ them, and calls
 The setups, routes, models and the article's figures are lab.py's (SETUPS, ROUTES, SCENARIOS):
 this file only reads them. A block of the event loop belongs to the scenario during whose load
 run it began (load.py's started_at and ended_at).
+
+Exit status: 0 when every request of every scenario got a 200, 1 when some did not, 2 for a bad
+flag or file, or an --html page that could not be written (the table is printed first, whole).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -51,12 +55,33 @@ def read_figures(path):
         figures = json.loads(Path(path).read_text())
         if not all(key in figures for key in ("requests", "concurrency", "total_s", "timeline")):
             raise ValueError
-        return figures
     except FileNotFoundError:
         raise ReportError(f"no such file: {path}") from None
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not load.py's JSON figures"
         raise ReportError(f"{path}: {reason}") from None
+    found = non_finite(figures)
+    if found:
+        field, literal = found
+        raise ReportError(f"{path}: not load.py's JSON figures: {field} is {literal}, "
+                          "not a finite number")
+    return figures
+
+
+def non_finite(value, where=""):
+    """(field, literal) of the first NaN or infinity in parsed JSON, or None. Python's json
+    reads the literals NaN, Infinity and -Infinity (and 1e999 as infinity); load.py never
+    writes them, and a table of them would read "nan s ... ok"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "the file", {math.inf: "Infinity", -math.inf: "-Infinity"}.get(value, "NaN")
+    items = (value.items() if isinstance(value, dict)
+             else enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        found = non_finite(item, f"{where}[{key}]" if isinstance(key, int)
+                           else f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
 
 
 def article_total(setup, route):
@@ -380,7 +405,25 @@ def check_html_path(path, flag="--html"):
 
 
 def write_html(path, scenarios, settings):
-    Path(path).write_text(html_page(scenarios, settings))
+    """The page, whole or not at all: a file is written beside PATH and renamed over it once
+    complete, so a full disk leaves no half page (and an older page as it was). A PATH that
+    is not a file (/dev/stdout, a pipe) is written to directly."""
+    page = html_page(scenarios, settings).encode()  # the page says charset=utf-8
+    direct = Path(path).exists() and not Path(path).is_file()
+    target = Path(path) if direct else Path(os.path.realpath(path))  # through a symlink
+    partial = target if direct else target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as out:
+            out.write(page)
+        if not direct:
+            if target.exists():  # an older page keeps its permissions
+                os.chmod(partial, target.stat().st_mode & 0o7777)
+            os.replace(partial, target)
+    except OSError as exc:
+        if not direct:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        raise ReportError(f"--html {path}: cannot write the page: {exc.strerror or exc}") from None
 
 
 def html_page(scenarios, settings):
@@ -576,7 +619,9 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv):
     parser = OneLineParser(
         prog=PROG, description=__doc__.splitlines()[0],
-        epilog="report.py blocking NN-SETUP-ROUTE.json prints what blocked one scenario's loop.")
+        epilog="report.py blocking NN-SETUP-ROUTE.json prints what blocked one scenario's loop. "
+        "Exit status: 0 when every response was a 200, 1 when some were not, 2 for bad input "
+        "or an --html page not written.")
     parser.add_argument("--delay", type=float, required=True, help="the run's delay, seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per scenario")
     parser.add_argument("--html", metavar="FILE", help="also write the report as one HTML page")
@@ -662,11 +707,10 @@ def main(argv=None):
             print(format_table(scenarios))
         if args.html:
             write_html(args.html, scenarios, run_settings(args, scenarios))
-    except ReportError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"{PROG}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+    except (ReportError, OSError) as exc:
+        sys.stdout.flush()  # what was printed (the table, the JSON lines) first, then the error
+        message = exc if isinstance(exc, ReportError) else f"{exc.strerror}: {exc.filename}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     return 0 if all(s["ok"] for s in scenarios) else 1
 

@@ -1,4 +1,5 @@
-"""Real processes for the tests: the embedded PostgreSQL, slow_server.py and lab.py.
+"""What the tests share: real processes (the embedded PostgreSQL, slow_server.py, lab.py), the
+Sandbox that follows every process a test starts, and the check of the tools' one-line errors.
 
 Nothing here is mocked. Each helper starts the real script as a subprocess on a free loopback
 port, waits until it answers, and stops it (and checks it stopped) when the test is done.
@@ -6,15 +7,20 @@ port, waits until it answers, and stops it (and checks it stopped) when the test
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +49,25 @@ def get(url, timeout=30):
 def run(args, timeout=60, **kwargs):
     return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, check=False, **kwargs)
+
+
+def assert_one_error(result, prog, *words, message=None, stdout=""):
+    """The tools' answer to a mistake: exit status 2 and exactly one line on stderr,
+    "PROG: error: ...", holding each of `words` (or exactly "PROG: error: MESSAGE"), and no
+    traceback; stdout as given: nothing by default, None for not checked (a tool that had
+    printed something before). Returns the line."""
+    assert "Traceback" not in result.stderr + (result.stdout or ""), result.stderr
+    if message is not None:
+        assert (result.returncode, result.stderr) == (2, f"{prog}: error: {message}\n")
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
+    line = result.stderr[:-1]
+    assert line.startswith(f"{prog}: error: "), line
+    for word in words:
+        assert word in line, line
+    if stdout is not None:
+        assert result.stdout == stdout, result.stdout
+    return line
 
 
 class Process:
@@ -190,13 +215,182 @@ def load(url, n=10, c=10, *extra):
     return json.loads(result.stdout)
 
 
+# --- The sandbox: every process a test starts, followed -------------------------------------
+# How "nothing left behind" is checked without being fooled by other runs on the same machine:
+# every process a test starts gets a unique MARK value in its environment (children inherit
+# it) and a private TMPDIR (run_all.sh's work folder and lab.py's awl-pg-* data folder go
+# there). A background thread also records every descendant of the started process while it
+# runs, so PostgreSQL backends (whose /proc environ and cmdline PostgreSQL overwrites) are
+# known too.
+
+MARK = "AWL_FAULT_TEST"
+
+
+class Sandbox:
+    """A private TMPDIR and environment marker, and a watch over every process started in it."""
+
+    def __init__(self):
+        # Short, under /tmp: PostgreSQL's Unix socket path must stay under 107 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix="awlt-"))
+        self.tmp.chmod(0o1777)  # as /tmp: as root, PostgreSQL runs as another user
+        # lab.py's cache folder, empty: each lab started here builds its template with initdb.
+        self.cache = Path(tempfile.mkdtemp(prefix="awlc-"))
+        self.cache.chmod(0o755)
+        self.token = uuid.uuid4().hex
+        self.env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+        self.env.update({MARK: self.token, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
+                         "AWL_CACHE_DIR": str(self.cache)})
+        self.seen = {}  # pid -> (create_time, description)
+        self.roots = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def popen(self, args, new_session=False, **kwargs):
+        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, start_new_session=new_session,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kwargs)
+        proc.out, proc.err = [], []
+        for stream, sink in ((proc.stdout, proc.out), (proc.stderr, proc.err)):
+            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")),
+                             daemon=True).start()
+        self.roots.append(proc.pid)
+        self._record(proc.pid)
+        return proc
+
+    def _record(self, pid):
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                with proc.oneshot():
+                    key = proc.create_time()
+                    self.seen.setdefault(proc.pid, (key, " ".join(proc.cmdline()) or proc.name()))
+        except psutil.Error:
+            pass
+
+    def _marked(self):
+        """Processes carrying our marker or naming our TMPDIR, wherever they were reparented."""
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if str(self.tmp) in cmdline or proc.environ().get(MARK) == self.token:
+                    found.append(proc)
+            except psutil.Error:
+                pass
+        return found
+
+    def _watch(self):
+        while not self._stop.is_set():
+            for pid in list(self.roots):
+                self._record(pid)
+            for proc in self._marked():
+                self._record(proc.pid)
+            self._stop.wait(0.03)
+
+    def alive(self):
+        left = []
+        for pid, (created, description) in list(self.seen.items()):  # the watcher adds
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{pid} {proc.username()} {description}")
+            except psutil.Error:
+                pass
+        for proc in self._marked():
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE and proc.pid not in self.seen:
+                    left.append(f"{proc.pid} {' '.join(proc.cmdline())}")
+            except psutil.Error:
+                pass
+        return left
+
+    def wait_all_gone(self, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = self.alive()
+            if not left:
+                return []
+            time.sleep(0.1)
+        return self.alive()
+
+    def files(self):
+        return sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*"))
+
+    def half_built(self):
+        """Cache entries still being built (renamed into place, without the dot, when done)."""
+        return sorted(p.name for p in self.cache.iterdir() if p.name.startswith("."))
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        for pid, (created, _) in list(self.seen.items()):  # never leave strays to the next test
+            try:
+                proc = psutil.Process(pid)
+                if proc.create_time() == created:
+                    proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+@pytest.fixture
+def sandbox():
+    box = Sandbox()
+    yield box
+    box.close()
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def send(proc, sig, group):
+    if group:  # as a terminal's Ctrl-C does: the whole foreground process group
+        os.killpg(os.getpgid(proc.pid), sig)
+    else:
+        proc.send_signal(sig)
+
+
+def initdb_running(box):
+    for pid in list(box.seen):
+        try:
+            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
+                return True
+        except psutil.Error:
+            pass
+    return False
+
+
+def wait_for_initdb(box, timeout):
+    """initdb running (the sandbox's cache starts empty, so lab.py builds its template)."""
+    wait_until(lambda: initdb_running(box), timeout, "initdb")
+
+
+def postgres_started(sandbox):
+    """A postgres server among the processes seen (read now: a child's first sighting may
+    predate its exec, when it still bears its parent's command line)."""
+    for pid in list(sandbox.seen):
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            continue
+        if "postgres" in cmdline and " -D " in cmdline:
+            return True
+    return False
+
+
 @pytest.fixture(scope="session")
 def warm_cache():
     """A lab.py cache folder with its template built, once for the session: for runs that
     must not spend their first seconds in initdb (tests that only copy the template; those
     about building it start from an empty cache of their own)."""
-    from test_faults import Sandbox, wait_until
-
     box = Sandbox()
     try:
         proc = box.popen([PY, "lab.py", "--database-only"])

@@ -1,9 +1,14 @@
 """One error convention for the stand-alone tools, checked on the real scripts.
 
 A bad flag, file or environment gets exactly one line on stderr, "TOOL: error: MESSAGE",
-exit status 2 and no traceback, before anything starts. BIND_CASES is the HOST:PORT
-grammar shared by every --bind: lab.py has its own copy of parse_host_port(), so it can
-be run against the same list.
+exit status 2 and no traceback, before anything starts (conftest.assert_one_error). BIND_CASES
+is the HOST:PORT grammar shared by every --bind: lab.py has its own copy of parse_host_port(),
+so it can be run against the same list.
+
+The command-line errors of slow_server.py, lab.py, run_all.sh and load.py are all here, one
+section a tool. Elsewhere: report.py's, beside the figures they need (tests/test_report.py);
+lab.py copied alone without its packages (tests/test_lab.py); what the embedded PostgreSQL
+refuses to start in (tests/test_embedded_postgres.py, which has the sandbox and cache for it).
 """
 
 import os
@@ -12,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conftest import free_port
+from conftest import PY, assert_one_error, free_port, run
 
 import slow_server
 
@@ -77,18 +83,11 @@ def run_tool(*args, timeout=30):
                           encoding="utf-8", timeout=timeout, check=False)
 
 
-def assert_one_error(result, tool, message):
-    """Exit 2 and stderr exactly "TOOL: error: MESSAGE\\n"; nothing on stdout."""
-    assert "Traceback" not in result.stderr, result.stderr
-    assert (result.returncode, result.stderr) == (2, f"{tool}: error: {message}\n")
-    assert result.stdout == ""
-
-
 @pytest.mark.parametrize(("value", "accepted"), BIND_CASES)
 def test_slow_server_bind_grammar(value, accepted):
     if not accepted:
         result = run_tool("slow_server.py", "--bind", value, "--delay", "0")
-        assert_one_error(result, "slow_server.py", BIND_MESSAGE.format(value))
+        assert_one_error(result, "slow_server.py", message=BIND_MESSAGE.format(value))
         return
     if value.startswith("[::1]") and not ipv6_loopback_available():
         pytest.skip("no IPv6 loopback here")
@@ -117,6 +116,51 @@ def test_parse_host_port_follows_the_same_grammar(value, accepted):
         assert str(error.value) == BIND_MESSAGE.format(value).replace("--bind", "--slow")
 
 
+# --- slow_server.py -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--delay", "-1"], "--delay '-1': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "61"], "--delay '61': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "soon"], "--delay 'soon': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "nan"], "--delay 'nan': delay must be a number of seconds from 0 to 60"),
+        # float() would read the fullwidth and the Arabic-Indic digit one as 1.0:
+        (["--delay", "\uff11"], "--delay '\uff11': delay must be a number of seconds from 0 to 60"),
+        (["--delay", "\u0661"], "--delay '\u0661': delay must be a number of seconds from 0 to 60"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--bind"], "argument --bind: expected one argument"),
+        (["stray"], "unrecognized arguments: stray"),
+    ],
+)
+def test_slow_server_bad_arguments(args, message):
+    assert_one_error(run_tool("slow_server.py", *args), "slow_server.py", message=message)
+
+
+def test_slow_server_host_that_does_not_resolve():
+    result = run_tool("slow_server.py", "--bind", "nonexistent.invalid:8000")
+    assert_one_error(result, "slow_server.py",
+                     "cannot listen on nonexistent.invalid:8000: nonexistent.invalid does not "
+                     "resolve")
+
+
+def test_slow_server_address_that_is_not_ours():
+    # 192.0.2.1 is TEST-NET-1: documentation only, never an address of this machine.
+    result = run_tool("slow_server.py", "--bind", "192.0.2.1:8000")
+    assert_one_error(result, "slow_server.py", "cannot listen on 192.0.2.1:8000: ")
+
+
+def test_slow_server_busy_port_is_named():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_tool("slow_server.py", "--bind", f"127.0.0.1:{port}")
+    assert_one_error(result, "slow_server.py",
+                     message=f"port {port} on 127.0.0.1 is already in use")
+
+
 # --- lab.py ---------------------------------------------------------------------------
 
 
@@ -136,7 +180,7 @@ def test_lab_bind_grammar(value, accepted):
     if accepted:
         assert (result.returncode, result.stderr, result.stdout) == (0, "", "")
     else:
-        assert_one_error(result, "lab.py", BIND_MESSAGE.format(value))
+        assert_one_error(result, "lab.py", message=BIND_MESSAGE.format(value))
 
 
 REFUSED = ('cannot reach PostgreSQL: connection to server at "127.0.0.1", port 1 failed: '
@@ -148,7 +192,7 @@ def test_lab_good_bind_fails_later_for_another_reason():
     database, whose error is then the one line."""
     result = run_lab("--bind", f"127.0.0.1:{free_port()}",
                      "--database-url", "postgresql://u@127.0.0.1:1/x")
-    assert_one_error(result, "lab.py", REFUSED)
+    assert_one_error(result, "lab.py", message=REFUSED)
 
 
 SLOW_URL_MESSAGE = "--slow-url must be an http:// URL with a port from 1 to 65535, not {!r}"
@@ -161,7 +205,8 @@ SLOW_URL_MESSAGE = "--slow-url must be an http:// URL with a port from 1 to 6553
     "ftp://127.0.0.1:21", "127.0.0.1:8001",
 ])
 def test_lab_bad_slow_url(url):
-    assert_one_error(run_lab("--check", "--slow-url", url), "lab.py", SLOW_URL_MESSAGE.format(url))
+    assert_one_error(run_lab("--check", "--slow-url", url), "lab.py",
+                     message=SLOW_URL_MESSAGE.format(url))
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8001", "http://localhost", "https://[::1]",
@@ -186,8 +231,7 @@ def test_lab_good_slow_url(url):
 def test_lab_bad_database_url(url, message):
     for result in (run_lab("--check", env={"DATABASE_URL": url}),
                    run_lab("--check", "--database-url", url)):
-        assert_one_error(result, "lab.py", message)  # and so no password echoed
-
+        assert_one_error(result, "lab.py", message=message)  # and so no password echoed
 
 
 def test_lab_check_connects_as_the_lab_will(database_url):
@@ -196,9 +240,9 @@ def test_lab_check_connects_as_the_lab_will(database_url):
     failing every database request of the run with a 503."""
     joiner = "&" if "?" in database_url else "?"
     result = run_lab("--check", env={"DATABASE_URL": f"{database_url}{joiner}connect_timeout=abc"})
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("lab.py: error: cannot reach PostgreSQL: ")
-    assert 'invalid integer value "abc" for connection option "connect_timeout"' in result.stderr
+    line = assert_one_error(result, "lab.py",
+                            'invalid integer value "abc" for connection option "connect_timeout"')
+    assert line.startswith("lab.py: error: cannot reach PostgreSQL: ")
     assert run_lab("--check", env={"DATABASE_URL": database_url}).returncode == 0
 
 
@@ -230,10 +274,109 @@ def test_lab_checks_the_process_limit_before_it_starts(tmp_path):
     result = subprocess.run(["/bin/bash", "-c", command], cwd=ROOT,
                             capture_output=True, text=True, timeout=60, check=False,
                             env={k: v for k, v in os.environ.items() if k != "DATABASE_URL"})
-    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("lab.py: error: about ")
-    assert "processes and threads (the workers, their threads, the embedded PostgreSQL) exceed"\
-        in result.stderr and "(ulimit -u, kernel.threads-max)" in result.stderr
+    line = assert_one_error(result, "lab.py", "processes and threads (the workers, their "
+                            "threads, the embedded PostgreSQL) exceed",
+                            "(ulimit -u, kernel.threads-max)", stdout=None)
+    assert line.startswith("lab.py: error: about ")
+
+
+def test_lab_unknown_patch_mode():
+    assert_one_error(run(["lab.py", "--patch", "everything"]), "lab.py", "--patch")
+
+
+@pytest.mark.parametrize("bind", ["8000", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000"])
+def test_lab_malformed_bind_when_starting(bind):
+    assert_one_error(run(["lab.py", "--bind", bind, "--database-url",
+                          "postgresql://u@127.0.0.1:1/x"]), "lab.py", "--bind")
+
+
+def test_lab_busy_port_is_named(database_url):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(["lab.py", "--bind", f"127.0.0.1:{port}", "--database-url", database_url])
+    assert_one_error(result, "lab.py", str(port), "in use")
+
+
+@pytest.mark.parametrize("url", ["mysql://u@localhost/db", "postgresql://u@localhost:99999/db"])
+def test_lab_bad_database_url_when_starting(url):
+    assert_one_error(run(["lab.py", "--bind", f"127.0.0.1:{free_port()}",
+                          "--database-url", url]), "lab.py", "database URL")
+
+
+def test_lab_unreachable_database():
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}", "--database-url", url])
+    assert_one_error(result, "lab.py", "cannot reach PostgreSQL")
+
+
+@pytest.mark.parametrize("flags", [["--delay", "-1"], ["--delay", "61"], ["--workers", "0"],
+                                   ["--http-timeout", "0"], ["--slow-url", "ftp://x"]])
+def test_lab_out_of_range_flags(flags):
+    assert_one_error(run(["lab.py", "--database-url", "postgresql://u@127.0.0.1/x",
+                          "--bind", f"127.0.0.1:{free_port()}", *flags]), "lab.py")
+
+
+@pytest.mark.parametrize("url, words", [
+    ("mysql://u@localhost/db", ["database URL"]),
+    ("not a url", ["database URL"]),
+    ("postgresql://u@localhost:99999/db", ["database URL", "port"]),
+    ("postgresql://u@127.0.0.1:1/x", ["cannot reach PostgreSQL", "port 1"]),
+])
+def test_lab_bad_database_url_from_the_environment(url, words):
+    result = run_lab("--bind", f"127.0.0.1:{free_port()}", env={"DATABASE_URL": url})
+    assert_one_error(result, "lab.py", *words)
+
+
+def test_lab_unreachable_database_with_the_default_bind():
+    """The issue's own example; only a busy port 8000 (checked first) may be named instead."""
+    started = time.monotonic()
+    result = run_lab("--database-url", "postgresql://u@127.0.0.1:1/x")
+    line = assert_one_error(result, "lab.py")
+    assert "cannot reach PostgreSQL" in line or "port 8000" in line, line
+    assert time.monotonic() - started < 15
+
+
+def test_lab_database_password_is_not_echoed_in_errors():
+    for url in ("postgresql://u:s3cret-pw@localhost:99999/db",
+                "postgresql://u:s3cret-pw@127.0.0.1:1/x",
+                "mysql://u:s3cret-pw@localhost/db"):
+        result = run_lab("--bind", f"127.0.0.1:{free_port()}", env={"DATABASE_URL": url})
+        assert_one_error(result, "lab.py")
+        assert "s3cret-pw" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--db-pool", "-1"], ["--db-pool"]),
+    (["--db-pool", "101"], ["--db-pool"]),
+    (["--http-timeout", "nan"], ["--http-timeout"]),
+    (["--http-timeout", "301"], ["--http-timeout"]),
+    (["--delay", "nan"], ["--delay"]),
+    (["--delay", "inf"], ["--delay"]),
+    (["--workers", "many"], ["--workers"]),
+    (["--bind", ":8000"], ["--bind"]),
+    (["--bind", "[::1]:"], ["--bind"]),
+    (["--bind", "192.0.2.1:8000"], ["192.0.2.1:8000"]),  # TEST-NET-1: not ours to bind
+    (["--bind", "nonexistent.invalid:8000"], ["nonexistent.invalid"]),
+    (["--slow-url", "localhost:8001"], ["--slow-url"]),
+])
+def test_lab_more_bad_flags(flags, words):
+    result = run_lab("--database-url", "postgresql://u@127.0.0.1:1/x", *flags)
+    assert_one_error(result, "lab.py", *words)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--max-connections", "50", "--database-url", "postgresql://u@127.0.0.1:5/db"],
+     "--max-connections sets the embedded PostgreSQL's limit"),
+    (["--max-connections", "1"], "--max-connections must be from 2 to 10000"),
+    (["--setup", "all", "--pool-size", "5"], "--pool-size is for a setup with a pool"),
+    (["--setup", "pooled", "--conn-max-age", "5"], "--conn-max-age must be 0 with a pool"),
+    (["--worker-connections", "0"], "--worker-connections must be from 1 to 10000"),
+])
+def test_lab_scale_flag_errors(flags, message):
+    assert_one_error(run(["lab.py", *flags]), "lab.py", message)
+
 
 # --- run_all.sh -----------------------------------------------------------------------
 
@@ -253,16 +396,44 @@ def run_all(*args, env=None, timeout=60):
 def test_run_all_checks_database_url_before_starting_anything(url, message, tmp_path):
     tmp_path.chmod(0o1777)
     result = run_all("--delay", "0.05", env={"DATABASE_URL": url, "TMPDIR": str(tmp_path)})
-    assert_one_error(result, "run_all.sh", f"DATABASE_URL: {message}")
+    assert_one_error(result, "run_all.sh", message=f"DATABASE_URL: {message}")
     assert list(tmp_path.iterdir()) == []  # its work folder gone, no awl-pg-* made
 
 
 @pytest.mark.parametrize("path", ["/nonexistent", ""])
 def test_run_all_with_a_broken_path_names_what_is_missing(path):
     result = run_all("--delay", "0.05", env={"PATH": path})
-    assert_one_error(result, "run_all.sh", f"not found on PATH: python3 (PATH={path})")
+    assert_one_error(result, "run_all.sh", message=f"not found on PATH: python3 (PATH={path})")
     help_text = run_all("--help", env={"PATH": path})
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: ./run_all.sh")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--bogus"], "unknown flag '--bogus'"),
+    (["--delay", "abc"], "--delay"),
+    (["--delay", "0"], "--delay"),
+    (["--delay", "61"], "--delay"),
+    (["-n", "5", "-c", "10"], "-n cannot be less than -c"),
+    (["-c", "0"], "-c"),
+    (["-n"], "-n needs a value"),
+    (["--delay", "-1"], "--delay"),
+    (["--delay", "60.5"], "--delay"),
+    (["--delay", ""], "--delay"),
+    (["-n", "abc"], "-n"),
+    (["-n", "-5"], "-n"),
+    (["-c", "1.5"], "-c"),
+    (["stray"], "stray"),
+])
+def test_run_all_bad_flags(flags, words):
+    assert_one_error(run_all(*flags), "run_all.sh", words)
+
+
+def test_run_all_report_into_a_missing_folder_is_refused_before_running():
+    started = time.monotonic()
+    result = run_all("--delay", "0.2", "--report", "no/such/dir/r.html", timeout=30)
+    assert time.monotonic() - started < 10
+    line = assert_one_error(result, "run_all.sh")
+    assert line.startswith("run_all.sh: error: --report: no such directory"), line
 
 
 # Mistakes found before anything starts: one line, exit 2, in seconds, nothing left in TMPDIR.
@@ -421,15 +592,14 @@ for _port in ("\uff18\uff10\uff10\uff10", "\u0668\u0660\u0660\u0660", "0", "7000
 
 @pytest.mark.parametrize(("url", "message"), URL_CASES)
 def test_load_bad_url(url, message):
-    assert_one_error(run_tool("load.py", "-n", "1", "-c", "1", url), "load.py", message)
+    assert_one_error(run_tool("load.py", "-n", "1", "-c", "1", url), "load.py", message=message)
 
 
 def test_load_url_with_brackets_but_no_ipv6_address():
     # Python 3.11.4 on refuses this in urlsplit() itself; before, load.py's own check does.
     result = run_tool("load.py", "-n", "1", "-c", "1", "http://[zz]:80/")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("load.py: error: invalid ")
-    assert "'http://[zz]:80/'" in result.stderr or "http://[zz]:80/" in result.stderr
+    line = assert_one_error(result, "load.py", "http://[zz]:80/")
+    assert line.startswith("load.py: error: invalid ")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -441,19 +611,20 @@ def test_load_url_with_brackets_but_no_ipv6_address():
 ])
 def test_load_numbers_are_ascii_and_flags_known(args, message):
     result = run_tool("load.py", *args, "http://127.0.0.1:9/")
-    assert_one_error(result, "load.py", message)
+    assert_one_error(result, "load.py", message=message)
 
 
 def test_load_save_into_a_missing_folder_is_refused_before_sending(listener):
     result = run_tool("load.py", "-n", "5", "-c", "5", "--save", "/missing/dir/x.json",
                       listener.url)
-    assert_one_error(result, "load.py", "--save /missing/dir/x.json: no such folder /missing/dir")
+    assert_one_error(result, "load.py",
+                     message="--save /missing/dir/x.json: no such folder /missing/dir")
     assert listener.connections() == 0
 
 
 def test_load_save_onto_a_folder_is_refused_before_sending(listener, tmp_path):
     result = run_tool("load.py", "-n", "5", "-c", "5", "--save", str(tmp_path), listener.url)
-    assert_one_error(result, "load.py", f"--save {tmp_path}: is a folder, not a file")
+    assert_one_error(result, "load.py", message=f"--save {tmp_path}: is a folder, not a file")
     assert listener.connections() == 0
 
 
@@ -480,6 +651,66 @@ def test_load_save_check_leaves_no_file_behind_and_keeps_old_figures(tmp_path, l
 def test_load_refuses_a_concurrency_over_the_open_file_limit(listener):
     result = run_tool("-c", with_limit("RLIMIT_NOFILE", 100, 100), "load.py", "-n", "1000",
                       "-c", "1000", listener.url)
-    assert_one_error(result, "load.py", "-c 1000 needs about 1016 open files but the limit is "
-                     "100 (raise it with ulimit -n)")
+    assert_one_error(result, "load.py", message="-c 1000 needs about 1016 open files but the "
+                     "limit is 100 (raise it with ulimit -n)")
     assert listener.connections() == 0
+
+
+NOWHERE = "http://127.0.0.1:9/"  # nothing is sent: the flags are refused first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-n", "5", "-c", "10", NOWHERE], "-n cannot be less than -c"),
+    (["-n", "0", "-c", "1", NOWHERE], "-n"),
+    (["-n", "-3", NOWHERE], "-n"),
+    (["-c", "0", NOWHERE], "-c"),
+    (["-n", "abc", NOWHERE], "-n"),
+    (["-t", "-1", NOWHERE], "-t"),
+    (["-q", "-1", NOWHERE], "-q"),
+    (["-H", "NoColon", NOWHERE], "-H"),
+    (["-z", "10", NOWHERE], "duration"),
+    (["-z", "abc", NOWHERE], "duration"),
+    (["-o", "xml", NOWHERE], "-o"),
+    (["ftp://example.com/"], "http://"),
+    (["https://example.com/"], "http://"),
+    (["http://"], "no host"),
+    (["127.0.0.1:8000"], "http://"),
+    (["--bogus", NOWHERE], "unrecognized"),
+    ([], "URL"),
+])
+def test_load_bad_command_lines(args, message):
+    assert_one_error(run_tool("load.py", *args), "load.py", message)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-t", "nan"], "-t"),
+    (["-t", "inf"], "-t"),
+    (["-t", "1e300"], "-t"),
+    (["-q", "nan"], "-q"),
+    (["-q", "inf"], "-q"),
+    (["-q", "1e-300"], "-q"),
+    (["-z", "99999999h"], "-z"),
+    (["-c", "1000000", "-n", "1000000"], "-c"),
+    (["-H", "X: a\r\nInjected: b"], "-H"),
+    (["-H", "Bad Name: x"], "-H"),
+    (["-H", ": x"], "-H"),
+    (["http://[::1"], "URL"),
+])
+def test_load_more_bad_flags(args, words):
+    if not args[-1].startswith("http"):
+        args = [*args, NOWHERE]
+    result = run(["load.py", "-n", "1", "-c", "1", *args], timeout=30)
+    assert_one_error(result, "load.py", words)
+
+
+def test_load_too_many_threads_for_the_system_is_one_line():
+    """-c within bounds but over what the system allows (here an address-space limit)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1_000_000_000, 1_000_000_000))
+
+    result = subprocess.run([PY, "load.py", "-n", "2000", "-c", "2000", "-t", "2",
+                             "http://127.0.0.1:9/"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False, preexec_fn=limit)
+    assert_one_error(result, "load.py", "threads", "-c")

@@ -1,35 +1,41 @@
-"""Faults and bad input, on real processes: one clear line for bad input, counted errors for
-faults while serving, and nothing left behind after a signal.
+"""Faults, on real processes: counted errors for faults while serving, nothing left behind
+after a signal, and safe defaults. (Bad flags and environments, one line each: in
+tests/test_cli_errors_tools.py.)
 
-How "nothing left behind" is checked without being fooled by other runs on the same machine:
-every process a test starts gets a unique AWL_FAULT_TEST value in its environment (children
-inherit it) and a private TMPDIR (run_all.sh's work folder and lab.py's awl-pg-* data folder
-go there). A background thread also records every descendant of the started process while it
-runs, so PostgreSQL backends (whose /proc environ and cmdline PostgreSQL overwrites) are known
-too. After the signal, every recorded process must be gone and the private TMPDIR empty.
+"Nothing left behind" is checked with the sandbox of tests/conftest.py, which follows every
+process a test starts: after the signal, every recorded process must be gone and the private
+TMPDIR empty.
 """
 
 import concurrent.futures
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import PY, ROOT, free_port, get, run
+from conftest import (
+    PY,
+    ROOT,
+    assert_one_error,
+    free_port,
+    get,
+    postgres_started,
+    run,
+    send,
+    wait_for_initdb,
+    wait_until,
+)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -37,24 +43,11 @@ if str(ROOT) not in sys.path:
 import lab
 from labkit import checks, postgres
 
-MARK = "AWL_FAULT_TEST"
 INTERRUPTED = re.compile(r"^run_all\.sh: interrupted during (.+); stopping everything it started$",
                          re.MULTILINE)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-def one_line_error(result, prog, *words):
-    """Exit 2, exactly one stderr line starting with `prog: error:`, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"{prog}: error:"), lines[0]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
 
 def timed_get(url, timeout=30):
     started = time.monotonic()
@@ -69,122 +62,6 @@ def run_load(url, *args, timeout=120):
     return result.returncode, json.loads(result.stdout)
 
 
-class Sandbox:
-    """A private TMPDIR and environment marker, and a watch over every process started in it."""
-
-    def __init__(self):
-        # Short, under /tmp: PostgreSQL's Unix socket path must stay under 107 bytes.
-        self.tmp = Path(tempfile.mkdtemp(prefix="awlt-"))
-        self.tmp.chmod(0o1777)  # as /tmp: as root, PostgreSQL runs as another user
-        # lab.py's cache folder, empty: each lab started here builds its template with initdb.
-        self.cache = Path(tempfile.mkdtemp(prefix="awlc-"))
-        self.cache.chmod(0o755)
-        self.token = uuid.uuid4().hex
-        self.env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-        self.env.update({MARK: self.token, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
-                         "AWL_CACHE_DIR": str(self.cache)})
-        self.seen = {}  # pid -> (create_time, description)
-        self.roots = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def popen(self, args, new_session=False, **kwargs):
-        proc = subprocess.Popen(args, cwd=ROOT, env=self.env, start_new_session=new_session,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                **kwargs)
-        proc.out, proc.err = [], []
-        for stream, sink in ((proc.stdout, proc.out), (proc.stderr, proc.err)):
-            threading.Thread(target=lambda s=stream, k=sink: k.extend(iter(s.readline, "")),
-                             daemon=True).start()
-        self.roots.append(proc.pid)
-        self._record(proc.pid)
-        return proc
-
-    def _record(self, pid):
-        try:
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                with proc.oneshot():
-                    key = proc.create_time()
-                    self.seen.setdefault(proc.pid, (key, " ".join(proc.cmdline()) or proc.name()))
-        except psutil.Error:
-            pass
-
-    def _marked(self):
-        """Processes carrying our marker or naming our TMPDIR, wherever they were reparented."""
-        found = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                cmdline = " ".join(proc.info["cmdline"] or [])
-                if str(self.tmp) in cmdline or proc.environ().get(MARK) == self.token:
-                    found.append(proc)
-            except psutil.Error:
-                pass
-        return found
-
-    def _watch(self):
-        while not self._stop.is_set():
-            for pid in list(self.roots):
-                self._record(pid)
-            for proc in self._marked():
-                self._record(proc.pid)
-            self._stop.wait(0.03)
-
-    def alive(self):
-        left = []
-        for pid, (created, description) in list(self.seen.items()):  # the watcher adds
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                    left.append(f"{pid} {proc.username()} {description}")
-            except psutil.Error:
-                pass
-        for proc in self._marked():
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE and proc.pid not in self.seen:
-                    left.append(f"{proc.pid} {' '.join(proc.cmdline())}")
-            except psutil.Error:
-                pass
-        return left
-
-    def wait_all_gone(self, timeout=20):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            left = self.alive()
-            if not left:
-                return []
-            time.sleep(0.1)
-        return self.alive()
-
-    def files(self):
-        return sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*"))
-
-    def half_built(self):
-        """Cache entries still being built (renamed into place, without the dot, when done)."""
-        return sorted(p.name for p in self.cache.iterdir() if p.name.startswith("."))
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        for pid, (created, _) in list(self.seen.items()):  # never leave strays to the next test
-            try:
-                proc = psutil.Process(pid)
-                if proc.create_time() == created:
-                    proc.kill()
-            except psutil.Error:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        shutil.rmtree(self.cache, ignore_errors=True)
-
-
-@pytest.fixture
-def sandbox():
-    box = Sandbox()
-    yield box
-    box.close()
-
-
 def pgserver_postgres():
     """PostgreSQL processes owned by the embedded server's system user (as root)."""
     found = set()
@@ -194,132 +71,12 @@ def pgserver_postgres():
     return found
 
 
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def listening_addresses(pid):
     return {c.laddr for c in psutil.Process(pid).net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN}
 
 
-# --- 1. bad input: one line, exit 2, no traceback ----------------------------------------------
-# (tests/test_lab.py, test_load.py, test_slow_server.py and test_scenarios.py cover the rest)
-
-def env_without_database(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env.update(extra)
-    return env
-
-
-@pytest.mark.parametrize("url, words", [
-    ("mysql://u@localhost/db", ["database URL"]),
-    ("not a url", ["database URL"]),
-    ("postgresql://u@localhost:99999/db", ["database URL", "port"]),
-    ("postgresql://u@127.0.0.1:1/x", ["cannot reach PostgreSQL", "port 1"]),
-])
-def test_bad_database_url_from_the_environment(url, words):
-    result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}"],
-                 env=env_without_database(DATABASE_URL=url))
-    one_line_error(result, "lab.py", *words)
-
-
-def test_unreachable_database_with_the_default_bind():
-    """The issue's own example; only a busy port 8000 (checked first) may be named instead."""
-    started = time.monotonic()
-    result = run(["lab.py", "--database-url", "postgresql://u@127.0.0.1:1/x"],
-                 env=env_without_database())
-    line = one_line_error(result, "lab.py")
-    assert "cannot reach PostgreSQL" in line or "port 8000" in line, line
-    assert time.monotonic() - started < 15
-
-
-def test_database_password_is_not_echoed_in_errors():
-    for url in ("postgresql://u:s3cret-pw@localhost:99999/db",
-                "postgresql://u:s3cret-pw@127.0.0.1:1/x",
-                "mysql://u:s3cret-pw@localhost/db"):
-        result = run(["lab.py", "--bind", f"127.0.0.1:{free_port()}"],
-                     env=env_without_database(DATABASE_URL=url))
-        one_line_error(result, "lab.py")
-        assert "s3cret-pw" not in result.stderr, result.stderr
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--db-pool", "-1"], ["--db-pool"]),
-    (["--db-pool", "101"], ["--db-pool"]),
-    (["--http-timeout", "nan"], ["--http-timeout"]),
-    (["--http-timeout", "301"], ["--http-timeout"]),
-    (["--delay", "nan"], ["--delay"]),
-    (["--delay", "inf"], ["--delay"]),
-    (["--workers", "many"], ["--workers"]),
-    (["--bind", ":8000"], ["--bind"]),
-    (["--bind", "[::1]:"], ["--bind"]),
-    (["--bind", "192.0.2.1:8000"], ["192.0.2.1:8000"]),  # TEST-NET-1: not ours to bind
-    (["--bind", "nonexistent.invalid:8000"], ["nonexistent.invalid"]),
-    (["--slow-url", "localhost:8001"], ["--slow-url"]),
-])
-def test_more_bad_lab_flags(flags, words):
-    result = run(["lab.py", "--database-url", "postgresql://u@127.0.0.1:1/x", *flags],
-                 env=env_without_database())
-    one_line_error(result, "lab.py", *words)
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--delay", "-1"], "--delay"),
-    (["--delay", "60.5"], "--delay"),
-    (["--delay", ""], "--delay"),
-    (["-n", "abc"], "-n"),
-    (["-n", "-5"], "-n"),
-    (["-c", "1.5"], "-c"),
-    (["stray"], "stray"),
-])
-def test_more_bad_run_all_flags(flags, words):
-    result = subprocess.run(["./run_all.sh", *flags], cwd=ROOT, capture_output=True, text=True,
-                            timeout=30, check=False)
-    one_line_error(result, "run_all.sh", words)
-
-
-@pytest.mark.parametrize("args, words", [
-    (["-t", "nan"], "-t"),
-    (["-t", "inf"], "-t"),
-    (["-t", "1e300"], "-t"),
-    (["-q", "nan"], "-q"),
-    (["-q", "inf"], "-q"),
-    (["-q", "1e-300"], "-q"),
-    (["-z", "99999999h"], "-z"),
-    (["-c", "1000000", "-n", "1000000"], "-c"),
-    (["-H", "X: a\r\nInjected: b"], "-H"),
-    (["-H", "Bad Name: x"], "-H"),
-    (["-H", ": x"], "-H"),
-    (["http://[::1"], "URL"),
-])
-def test_more_bad_load_flags(args, words):
-    if not args[-1].startswith("http"):
-        args = [*args, "http://127.0.0.1:9/"]
-    result = run(["load.py", "-n", "1", "-c", "1", *args], timeout=30)
-    one_line_error(result, "load.py", words)
-    assert result.stdout == ""
-
-
-def test_load_too_many_threads_for_the_system_is_one_line():
-    """-c within bounds but over what the system allows (here an address-space limit)."""
-    import resource
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (1_000_000_000, 1_000_000_000))
-
-    result = subprocess.run([PY, "load.py", "-n", "2000", "-c", "2000", "-t", "2",
-                             "http://127.0.0.1:9/"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60, check=False, preexec_fn=limit)
-    one_line_error(result, "load.py", "threads", "-c")
-
-
-# --- 2. faults while serving: counted, not crashed ---------------------------------------------
+# --- 1. faults while serving: counted, not crashed ---------------------------------------------
 
 @pytest.mark.parametrize("mode", ["nothing", "all"])
 def test_slow_service_never_started_is_a_502_at_once(mode, start_lab):
@@ -620,32 +377,10 @@ def test_25_workers_boot_against_the_embedded_server(sandbox, warm_cache):
     assert "database unavailable" not in err
 
 
-# --- 3. nothing left behind ------------------------------------------------------------------
-
-def send(proc, sig, group):
-    if group:  # as a terminal's Ctrl-C does: the whole foreground process group
-        os.killpg(os.getpgid(proc.pid), sig)
-    else:
-        proc.send_signal(sig)
-
+# --- 2. nothing left behind ------------------------------------------------------------------
 
 def wait_for_text(proc, text, timeout):
     wait_until(lambda: text in "".join(proc.out), timeout, f"{text!r} on stdout")
-
-
-def initdb_running(box):
-    for pid in list(box.seen):
-        try:
-            if "initdb" in " ".join(psutil.Process(pid).cmdline()):
-                return True
-        except psutil.Error:
-            pass
-    return False
-
-
-def wait_for_initdb(box, timeout):
-    """initdb running (the sandbox's cache starts empty, so lab.py builds its template)."""
-    wait_until(lambda: initdb_running(box), timeout, "initdb")
 
 
 RUN_ALL_POINTS = {
@@ -730,19 +465,6 @@ LAB_POINTS = {
 }
 
 
-def postgres_started(sandbox):
-    """A postgres server among the processes seen (read now: a child's first sighting may
-    predate its exec, when it still bears its parent's command line)."""
-    for pid in list(sandbox.seen):
-        try:
-            cmdline = " ".join(psutil.Process(pid).cmdline())
-        except psutil.Error:
-            continue
-        if "postgres" in cmdline and " -D " in cmdline:
-            return True
-    return False
-
-
 @pytest.mark.parametrize("point", list(LAB_POINTS))
 def test_lab_alone_interrupted_leaves_nothing_behind(point, sandbox, warm_cache):
     moment, sig, group = LAB_POINTS[point]
@@ -782,7 +504,7 @@ def test_embedded_postgres_that_cannot_start_is_one_line(sandbox):
     time.sleep(0.2)
     result = subprocess.CompletedProcess(proc.args, proc.returncode, "".join(proc.out),
                                          "".join(proc.err))
-    one_line_error(result, "lab.py", "PostgreSQL")
+    assert_one_error(result, "lab.py", "PostgreSQL")
     assert sandbox.files() == [], sandbox.files()
 
 
@@ -801,7 +523,7 @@ def test_lab_killed_takes_postgres_and_workers_with_it(sandbox, warm_cache):
     # tests/test_embedded_postgres.py); here the sandbox removes it.
 
 
-# --- 5. safe defaults -------------------------------------------------------------------------
+# --- 3. safe defaults -------------------------------------------------------------------------
 
 def test_lab_binds_to_loopback_by_default_and_warns_otherwise(database_url, sandbox):
     default_port = int(lab.DEFAULT_BIND.rsplit(":", 1)[1])

@@ -8,7 +8,7 @@ the start-up (the door, the checks, PostgreSQL, the labs booting) and the first 
 default run and of --all, on a machine kept busy by two CPU burners, as on a loaded CI runner;
 the cache of the embedded PostgreSQL is warm (no initdb: tests/test_faults.py interrupts that).
 
-Each case is checked with test_faults.Sandbox: every process that carries the case's marker in
+Each case is checked with conftest.Sandbox: every process that carries the case's marker in
 its environment, names its TMPDIR on its command line or descends from the run (PostgreSQL's
 backends, the labs' samplers, Gunicorn's workers) must be gone, and its TMPDIR empty.
 """
@@ -22,8 +22,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PY
-from test_faults import Sandbox
+from conftest import PY, Sandbox
 
 DELAY = "0.2"
 STOPPED_WITHIN = 5.0  # seconds from the signal until the last process is gone

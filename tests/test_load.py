@@ -260,39 +260,6 @@ def test_requests_are_shared_out_exactly():
     assert load.share(10, 3) == [4, 3, 3]
 
 
-# --- Command line errors ---------------------------------------------------------
-
-URL = "http://127.0.0.1:9/"
-
-
-@pytest.mark.parametrize("args, message", [
-    (["-n", "5", "-c", "10", URL], "-n cannot be less than -c"),
-    (["-n", "0", "-c", "1", URL], "-n"),
-    (["-n", "-3", URL], "-n"),
-    (["-c", "0", URL], "-c"),
-    (["-n", "abc", URL], "-n"),
-    (["-t", "-1", URL], "-t"),
-    (["-q", "-1", URL], "-q"),
-    (["-H", "NoColon", URL], "-H"),
-    (["-z", "10", URL], "duration"),
-    (["-z", "abc", URL], "duration"),
-    (["-o", "xml", URL], "-o"),
-    (["ftp://example.com/"], "http://"),
-    (["https://example.com/"], "http://"),
-    (["http://"], "no host"),
-    (["127.0.0.1:8000"], "http://"),
-    (["--bogus", URL], "unrecognized"),
-    ([], "URL"),
-])
-def test_bad_command_lines_give_one_line_and_exit_2(args, message):
-    proc, _ = run_cli(*args)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("load.py: error: ") and message in proc.stderr
-    assert proc.stdout == ""
-
-
 # --- Real runs -------------------------------------------------------------------
 
 

@@ -6,8 +6,11 @@ one scenario also answering 503 or hanging up), saved as NN-SETUP-ROUTE.json as 
 them, with lab.py event records (SETUP.events) next to them.
 """
 
+import contextlib
 import itertools
 import json
+import os
+import re
 import shutil
 import struct
 import subprocess
@@ -15,12 +18,14 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections import Counter
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, assert_one_error, run
 
 sys.path.insert(0, str(ROOT))
 
@@ -120,19 +125,43 @@ def test_the_blocking_command_prints_one_line(tmp_path, name, events, expected):
     (["--delay", "1", "--html", "/no/such/dir/r.html", "x.json"], "no such directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words):
-    result = run(["report.py", *args])
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("report.py: error:")
-    assert words in result.stderr
+    assert_one_error(run(["report.py", *args]), "report.py", words)
 
 
 @pytest.mark.parametrize("content", ["", "not json", "[1, 2]", '{"requests": 1}', "\xff\xfe"])
 def test_a_file_that_is_not_load_figures_is_one_line(tmp_path, content):
     path = tmp_path / "01-all-db.json"
     path.write_bytes(content.encode("latin-1"))
-    result = run(["report.py", "--delay", "1", str(path)])
-    assert result.returncode == 2 and result.stderr.startswith("report.py: error:"), result.stderr
-    assert "not load.py's JSON figures" in result.stderr and "Traceback" not in result.stderr
+    assert_one_error(run(["report.py", "--delay", "1", str(path)]), "report.py",
+                     "not load.py's JSON figures")
+
+
+FIGURES = {"requests": 2, "concurrency": 2, "total_s": 0.5, "rps": 4.0, "status_codes": {"200": 2},
+           "errors": {}, "latency_distribution": {"50": 0.25},
+           "timeline": [{"start_s": 0.0, "end_s": 0.25, "status": 200},
+                        {"start_s": 0.0, "end_s": 0.5, "status": 200}]}
+
+
+@pytest.mark.parametrize("field, literal, text", [
+    ("total_s", "NaN", '"total_s": NaN'),
+    ("rps", "Infinity", '"rps": Infinity'),
+    ("timeline[1].end_s", "-Infinity", '"end_s": -Infinity'),
+    ("latency_distribution.50", "Infinity", '"50": 1e999'),  # too big for a float: infinity
+])
+def test_figures_that_are_not_finite_numbers_are_refused(tmp_path, field, literal, text):
+    """Python's json reads NaN and Infinity; a table of them would say "nan s ... ok"."""
+    good = json.dumps(FIGURES)
+    old = {"total_s": '"total_s": 0.5', "rps": '"rps": 4.0', "timeline[1].end_s": '"end_s": 0.5',
+           "latency_distribution.50": '"50": 0.25'}[field]
+    path = tmp_path / "01-all-db.json"
+    path.write_text(good.replace(old, text))
+    assert path.read_text() != good
+    message = f"{path}: not load.py's JSON figures: {field} is {literal}, not a finite number"
+    for args in (["--delay", "1", str(path)], ["--delay", "1", "--json", str(path)],
+                 ["blocking", str(path)]):
+        assert_one_error(run(["report.py", *args]), "report.py", message=message)
+    path.write_text(good)
+    assert run(["report.py", "--delay", "1", str(path)]).returncode == 0
 
 
 # --- Real load.py figures ----------------------------------------------------------------------
@@ -291,13 +320,96 @@ def test_the_page_has_settings_table_notes_and_blocking(page):
     assert "lab.py:143 sleep_in_database &lt;- lab.py:119 only_database_call" in text
 
 
-def test_a_report_into_a_missing_folder_is_refused_before_running():
-    started = time.monotonic()
-    result = subprocess.run(["./run_all.sh", "--delay", "0.2", "--report", "no/such/dir/r.html"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
-    assert result.returncode == 2 and time.monotonic() - started < 10
-    assert result.stderr.startswith("run_all.sh: error: --report: no such directory")
-    assert len(result.stderr.strip().splitlines()) == 1
+# Places that refuse a new file, as root too (tests run as root in CI): sysfs makes none
+# (EACCES; EROFS where it is mounted read-only), /proc has no such entry to open, and every
+# write to /dev/full fails as on a full disk.
+UNWRITABLE = [
+    ("/sys/report.html", ("Permission denied", "Read-only file system")),
+    ("/proc/report.html", ("No such file or directory",)),
+    ("/dev/full", ("No space left on device",)),
+]
+
+
+@pytest.mark.parametrize("path, causes", UNWRITABLE, ids=["sysfs", "proc", "dev-full"])
+@pytest.mark.parametrize("json_lines", [False, True], ids=["table", "json"])
+def test_a_page_that_cannot_be_written_comes_after_the_whole_table(results, path, causes,
+                                                                   json_lines):
+    flags = ["--delay", str(DELAY), *(["--json"] if json_lines else [])]
+    alone = run(["report.py", *flags, *report_files(results)])
+    assert alone.returncode == 1 and alone.stdout.count("\n") == len(SCENARIOS) + (not json_lines)
+    # One stream, as on a terminal: the table must not be stuck in a buffer behind the error.
+    merged = subprocess.run([sys.executable, "report.py", *flags, "--html", path,
+                             *report_files(results)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=60, check=False)
+    assert merged.returncode == 2, "the page unwritten (2), not only some responses not 200 (1)"
+    assert merged.stdout.startswith(alone.stdout), merged.stdout
+    error = merged.stdout[len(alone.stdout):]
+    assert error in [f"report.py: error: --html {path}: cannot write the page: {cause}\n"
+                     for cause in causes], error
+    assert not Path(path).exists() or path == "/dev/full"
+
+
+def test_a_page_that_cannot_be_written_is_exit_2_even_when_all_went_well(results, tmp_path):
+    (tmp_path / "01-nothing-both.json").write_text((results / "01-nothing-both.json").read_text())
+    result = run(["report.py", "--delay", str(DELAY), "--html", "/dev/full",
+                  str(tmp_path / "01-nothing-both.json")])
+    assert_one_error(result, "report.py", message="--html /dev/full: cannot write the page: "
+                     "No space left on device", stdout=None)
+    assert result.stdout.count(" ok\n") == 1, result.stdout
+
+
+def test_a_page_on_a_full_disk_leaves_no_half_page_and_the_old_one_whole(results):
+    """A regular file on a really full file system (a small tmpfs, filled: root only, as
+    mounting one needs root), where /dev/full above is a device written to directly."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    full = Path(tempfile.mkdtemp(prefix="awlr-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)],
+                      capture_output=True, check=False).returncode:
+        full.rmdir()
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        page = full / "report.html"
+        page.write_text("the old page\n")
+        with open(full / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:  # every block left
+                filler.write(b"\0" * 4096)
+        result = run(["report.py", "--delay", str(DELAY), "--html", str(page),
+                      *report_files(results)])
+        assert_one_error(result, "report.py", message=f"--html {page}: cannot write the page: "
+                         "No space left on device", stdout=None)
+        assert result.stdout.count("\n") == 1 + len(SCENARIOS), "the table, whole"
+        assert page.read_text() == "the old page\n"
+        assert sorted(p.name for p in full.iterdir()) == ["filler", "report.html"]
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+        full.rmdir()
+
+
+def test_a_page_written_again_replaces_the_old_one_whole(results, tmp_path):
+    page = tmp_path / "report.html"
+    page.write_text("the old page\n")
+    page.chmod(0o640)
+    link = tmp_path / "link.html"
+    link.symlink_to(page.name)
+    result = run(["report.py", "--delay", str(DELAY), "--html", str(link),
+                  *report_files(results)])
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    assert link.is_symlink() and page.read_text().startswith("<!DOCTYPE html>")
+    assert page.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.html", "report.html"]
+
+
+def test_run_all_tells_a_page_not_written_from_responses_not_200():
+    """Not "some scenarios had responses other than 200": report.py's own line says what."""
+    result = subprocess.run(["./run_all.sh", "--delay", "0.05", "-n", "1", "-c", "1",
+                             "--report", "/dev/full"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "all / fanout" in result.stdout and result.stdout.rstrip().endswith("ok")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "report.py: error: --html /dev/full: cannot write the page: No space left on device")
+    assert "other than 200" not in result.stderr and "wrote" not in result.stderr, result.stderr
 
 
 # --- ...drawn by a real browser -----------------------------------------------------------------
@@ -305,11 +417,12 @@ def test_a_report_into_a_missing_folder_is_refused_before_running():
 # Appended to a copy of the page only: the report itself has no script. It writes what the
 # browser laid out into the DOM, so --dump-dom shows geometry, not just the markup we wrote.
 MEASURE_SCRIPT = """<script>
-for (const bar of document.querySelectorAll("rect.bar")) {
+for (const bar of document.querySelectorAll("rect.bar, svg.timeline")) {
   const box = bar.getBoundingClientRect();
   bar.dataset.drawn = [box.x, box.y, box.width, box.height].map(Math.round).join(",");
   bar.dataset.fill = getComputedStyle(bar).fill;
 }
+document.body.dataset.height = document.documentElement.scrollHeight;
 </script>"""
 
 
@@ -330,17 +443,21 @@ def chromium(*args):
 
 
 class BarCollector(HTMLParser):
-    """The rect.bar elements of each timeline <svg>, by its data-scenario, with attributes."""
+    """The rect.bar elements of each timeline <svg>, by its data-scenario, with attributes;
+    the <svg> elements' own attributes, and the <body>'s."""
 
     def __init__(self):
         super().__init__()
-        self.bars, self.scenario = {}, None
+        self.bars, self.svgs, self.body, self.scenario = {}, {}, {}, None
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "svg" and "timeline" in attrs.get("class", "").split():
+        if tag == "body":
+            self.body = attrs
+        elif tag == "svg" and "timeline" in attrs.get("class", "").split():
             self.scenario = attrs["data-scenario"]
             self.bars[self.scenario] = []
+            self.svgs[self.scenario] = attrs
         elif (tag == "rect" and "bar" in attrs.get("class", "").split()
               and self.scenario is not None):  # not the bars of the side-by-side picture
             self.bars[self.scenario].append(attrs)
@@ -373,14 +490,98 @@ def test_chromium_draws_one_bar_per_request_in_each_scenario(page, results, tmp_
     assert len(set.union(*fills.values())) == 3
 
 
-def test_chromium_screenshots_the_page(page, tmp_path):
-    shot = tmp_path / "report.png"
-    chromium(f"--screenshot={shot}", "--window-size=1200,3000", page.as_uri())
-    data = shot.read_bytes()
+def png_pixels(data):
+    """(width, height, pixel): a PNG of 8-bit RGB or RGBA, as Chromium writes its screenshots,
+    decoded with zlib alone; pixel(x, y) is (r, g, b)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
-    assert (width, height) == (1200, 3000)
-    assert len(data) > 20_000, "a blank page compresses to a few kB"
+    position, packed = 8, []
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        position += 12 + length  # length, type, body, CRC
+        if kind == b"IHDR":
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert (depth, interlace) == (8, 0) and colour in (2, 6), (depth, colour, interlace)
+            size = 3 if colour == 2 else 4  # bytes a pixel: RGB or RGBA
+        elif kind == b"IDAT":
+            packed.append(body)
+        elif kind == b"IEND":
+            break
+    raw, stride, rows = zlib.decompress(b"".join(packed)), width * size, []
+    above = bytearray(stride)
+    for y in range(height):  # each row: a filter byte, then the row filtered by it
+        start = y * (stride + 1)
+        kind, row = raw[start], bytearray(raw[start + 1:start + 1 + stride])
+        if kind == 1:  # Sub: plus the byte to the left
+            for i in range(size, stride):
+                row[i] = (row[i] + row[i - size]) & 255
+        elif kind == 2:  # Up: plus the byte above
+            row = bytearray((a + b) & 255 for a, b in zip(row, above, strict=True))
+        elif kind == 3:  # Average of left and above
+            for i in range(stride):
+                row[i] = (row[i] + ((row[i - size] if i >= size else 0) + above[i]) // 2) & 255
+        elif kind == 4:  # Paeth: whichever of left, above, upper left is nearest their sum
+            for i in range(stride):
+                a = row[i - size] if i >= size else 0
+                b, c = above[i], above[i - size] if i >= size else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(row)
+        above = row
+
+    def pixel(x, y):
+        return tuple(rows[y][x * size:x * size + 3])
+
+    return width, height, pixel
+
+
+def near(colour, other, tolerance=24):
+    return max(abs(a - b) for a, b in zip(colour, other, strict=True)) <= tolerance
+
+
+def test_the_screenshot_shows_each_bar_where_its_svg_puts_it_in_its_colour(page, tmp_path):
+    """What a reader sees, not what the markup says: in Chromium's screenshot of the page,
+    the middle of each bar (the <svg>'s place on the page, measured in a copy, plus the bar's
+    x, y, width and height in it) has the colour the page's style gives its status, and just
+    past its end the bar's colour is gone. An error bar is white inside a red outline."""
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", MEASURE_SCRIPT + "</body>"))
+    collector = BarCollector()
+    collector.feed(chromium("--dump-dom", "--window-size=1200,3000", measured.as_uri()))
+    height = int(collector.body["data-height"])  # the whole page, in one screenshot
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", f"--window-size=1200,{height}", page.as_uri())
+    width, shot_height, pixel = png_pixels(shot.read_bytes())
+    assert (width, shot_height) == (1200, height), "one CSS pixel, one pixel of the image"
+
+    def rgb(hex_colour):  # #3a923a or #fff
+        return tuple(bytes.fromhex(hex_colour if len(hex_colour) == 6
+                                   else "".join(digit * 2 for digit in hex_colour)))
+
+    style = page.read_text()  # the page's own <style>
+    colours = {kind: rgb(value) for kind, value in
+               re.findall(r"\.(s\dxx|error) \{ fill: #([0-9a-f]+);", style)}
+    red = rgb(re.search(r"\.error \{[^}]*stroke: #([0-9a-f]+);", style)[1])
+    assert len({colours["s2xx"], colours["s5xx"], colours["error"]}) == 3, colours
+    seen = Counter()
+    for scenario, bars in collector.bars.items():
+        left, top = map(int, collector.svgs[scenario]["data-drawn"].split(",")[:2])
+        for bar in bars:
+            kind = bar["class"].split()[1]
+            assert kind in colours, (scenario, "a bar of no status the page colours", bar)
+            x, y, w, h = (float(bar[key]) for key in ("x", "y", "width", "height"))
+            assert w >= 4 and h >= 4, (scenario, bar)  # wide and tall enough to look inside
+            middle_x, middle_y = round(left + x + w / 2), round(top + y + h / 2)
+            assert near(pixel(middle_x, middle_y), colours[kind]), (scenario, kind, bar)
+            if kind == "error":  # white, as the page: its dashed outline is what shows
+                outline = [pixel(round(left + x + i), round(top + y)) for i in range(int(w))]
+                assert sum(near(colour, red, 60) for colour in outline) > w / 3, (scenario, bar)
+            else:
+                assert not near(pixel(round(left + x + w + 3), middle_y), colours[kind]), (
+                    scenario, "drawn past its end", bar)
+            seen[kind] += 1
+    assert seen == {"s2xx": 4 + 6 + 3, "s5xx": 3, "error": 3}, seen
 
 
 def test_connections_left_after_a_burst_only_when_the_lab_was_left_alone(tmp_path):

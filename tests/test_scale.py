@@ -111,21 +111,6 @@ def test_peak_connections_figure(start_lab, start_slow_server, tmp_path, setup, 
     assert f"<td>{expected}</td>" in report.html_table([scenario])
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--max-connections", "50", "--database-url", "postgresql://u@127.0.0.1:5/db"],
-     "--max-connections sets the embedded PostgreSQL's limit"),
-    (["--max-connections", "1"], "--max-connections must be from 2 to 10000"),
-    (["--setup", "all", "--pool-size", "5"], "--pool-size is for a setup with a pool"),
-    (["--setup", "pooled", "--conn-max-age", "5"], "--conn-max-age must be 0 with a pool"),
-    (["--worker-connections", "0"], "--worker-connections must be from 1 to 10000"),
-])
-def test_scale_flag_errors_are_one_line(flags, message):
-    result = run(["lab.py", *flags])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("lab.py: error: ") and message in lines[0], lines
-
-
 def test_scale_list_has_counts_and_flags():
     result = run(["lab.py", "--list", "--scale"])
     assert result.returncode == 0, result.stderr

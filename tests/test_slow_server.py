@@ -345,71 +345,8 @@ def test_garbled_request_line_is_a_json_400(server):
 
 
 # --- command line -------------------------------------------------------------------------
-# (tests/test_cli_errors_tools.py checks the HOST:PORT grammar of --bind case by case)
-
-
-def run_server(*args):
-    return subprocess.run(
-        [sys.executable, str(SERVER), *args],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-
-
-def assert_one_error_line(result, message=None):
-    """Exit 2 and exactly one line, "slow_server.py: error: ...", on stderr; nothing else."""
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("slow_server.py: error: "), result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    if message is not None:
-        assert result.stderr == f"slow_server.py: error: {message}\n"
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--delay", "-1"], "--delay '-1': delay must be a number of seconds from 0 to 60"),
-        (["--delay", "61"], "--delay '61': delay must be a number of seconds from 0 to 60"),
-        (["--delay", "soon"], "--delay 'soon': delay must be a number of seconds from 0 to 60"),
-        (["--delay", "nan"], "--delay 'nan': delay must be a number of seconds from 0 to 60"),
-        # float() would read the fullwidth and the Arabic-Indic digit one as 1.0:
-        (["--delay", "\uff11"], "--delay '\uff11': delay must be a number of seconds from 0 to 60"),
-        (["--delay", "\u0661"], "--delay '\u0661': delay must be a number of seconds from 0 to 60"),
-        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-        (["--bind"], "argument --bind: expected one argument"),
-        (["stray"], "unrecognized arguments: stray"),
-    ],
-)
-def test_bad_arguments_exit_2_with_one_line(args, message):
-    assert_one_error_line(run_server(*args), message)
-
-
-def test_host_that_does_not_resolve_is_one_line():
-    result = run_server("--bind", "nonexistent.invalid:8000")
-    assert_one_error_line(result)
-    assert "cannot listen on nonexistent.invalid:8000: nonexistent.invalid does not resolve" in (
-        result.stderr
-    )
-
-
-def test_address_that_is_not_ours_is_one_line():
-    # 192.0.2.1 is TEST-NET-1: documentation only, never an address of this machine.
-    result = run_server("--bind", "192.0.2.1:8000")
-    assert_one_error_line(result)
-    assert "cannot listen on 192.0.2.1:8000: " in result.stderr
-
-
-def test_busy_port_exits_2_naming_the_port():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = run_server("--bind", f"127.0.0.1:{port}")
-    assert_one_error_line(result, f"port {port} on 127.0.0.1 is already in use")
+# (its mistakes, one line each, are in tests/test_cli_errors_tools.py: bad flags, the HOST:PORT
+# grammar of --bind case by case, addresses it cannot listen on)
 
 
 def test_startup_line_names_the_port_and_delay():

@@ -10,8 +10,8 @@ also gives us the program's exit status and everything it wrote before.
 `kill -9` gives a program no chance to clean up: its children must still be gone within 5 s
 (parent-death signals), and run_all.sh's stale work folder is removed by the next run.
 
-Processes are followed with test_faults.Sandbox: a private TMPDIR and an environment marker, so
-other runs of the lab on the same machine are never mistaken for ours.
+Processes are followed with the sandbox of tests/conftest.py: a private TMPDIR and an environment
+marker, so other runs of the lab on the same machine are never mistaken for ours.
 """
 
 import json
@@ -28,8 +28,7 @@ import time
 
 import psutil
 import pytest
-from conftest import PY, ROOT, free_port, get
-from test_faults import MARK, Sandbox, postgres_started, wait_until
+from conftest import MARK, PY, ROOT, free_port, get, postgres_started, wait_until
 
 from labkit import procs
 
@@ -38,12 +37,11 @@ INTERRUPTED = re.compile(r"run_all\.sh: interrupted during (.+); stopping everyt
 
 
 @pytest.fixture
-def sandbox():
-    box = Sandbox()
-    # Let Python buffer as it does for anyone: a write that fails must not stay in a buffer.
-    box.env.pop("PYTHONUNBUFFERED", None)
-    yield box
-    box.close()
+def sandbox(sandbox):
+    """conftest's sandbox, but Python buffers as it does for anyone: a write that fails must
+    not stay in a buffer."""
+    sandbox.env.pop("PYTHONUNBUFFERED", None)
+    return sandbox
 
 
 class Terminal:
