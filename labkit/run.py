@@ -322,7 +322,7 @@ def report_results(run, options):
     files = sorted(str(path) for path in run.work.glob("[0-9]*.json"))
     table = run.start("report.py", ["report.py", *flags, *files])
     status = run.wait(table, 300, "report.py")
-    if options.report and options.report.exists() and options.report.stat().st_size:
+    if options.report and status != 2 and options.report.exists():  # 2: not written
         say(f"wrote {options.report}")
     run.stop_all()
     if status == 1 and options.scale:
