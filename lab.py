@@ -961,7 +961,7 @@ DEFAULT_MAX_CONNECTIONS = 200
 
 
 @contextmanager
-def wheel_postgres(max_connections):
+def wheel_postgres(max_connections, stop):
     """The embedded PostgreSQL without the kit: initdb into a temporary folder, the wheel's
     `postgres` as our child (it dies with us), the folder removed on the way out. (The kit's
     labkit/postgres.py keeps a template, runs as root and cleans up after kill -9.)"""
@@ -991,6 +991,7 @@ def wheel_postgres(max_connections):
             time.sleep(0.05)
         yield f"postgresql://postgres@/postgres?host={folder}"
     finally:
+        stop.clean_up()
         if server is not None and server.poll() is None:
             server.send_signal(signal.SIGINT)  # fast shutdown
             server.wait()
@@ -998,11 +999,12 @@ def wheel_postgres(max_connections):
 
 
 @contextmanager
-def database_url(options):
+def database_url(options, stop):
     """Yours (DATABASE_URL), the kit's embedded PostgreSQL, or the wheel's own; with the kit,
-    also the Gunicorn hooks of its watcher, which restarts a server that dies under the lab."""
+    also the Gunicorn hooks of its watcher, which restarts a server that dies under the lab.
+    Once the lab ends, stop signals change nothing (stop.clean_up) before the server stops."""
     if options.database_url:
-        yield options.database_url, {}, None
+        yield options.database_url, {}
     elif options.kit:
         from labkit.postgres import EmbeddedPostgres
 
@@ -1010,12 +1012,13 @@ def database_url(options):
         try:
             database.start()
             database.supervise()  # from the server's master: restarts PostgreSQL if it dies
-            yield database.url, {"when_ready": database.hook_sigchld}, database
+            yield database.url, {"when_ready": database.hook_sigchld}
         finally:
+            stop.clean_up()
             database.stop()
     else:
-        with wheel_postgres(DEFAULT_MAX_CONNECTIONS) as url:
-            yield url, {}, None
+        with wheel_postgres(DEFAULT_MAX_CONNECTIONS, stop) as url:
+            yield url, {}
 
 
 # =============================================================================================
@@ -1194,7 +1197,7 @@ def say(text):
         pass
 
 
-def serve(options, checks):
+def serve(options, checks, stop):
     """Start the database, then the server, until a signal; everything stops on the way out."""
     import multiprocessing
 
@@ -1208,7 +1211,7 @@ def serve(options, checks):
     if options.url_on_command_line and urllib.parse.urlsplit(options.database_url).password:
         say("warning: --database-url puts the password on the command line, where ps shows it "
             "to every user; pass it as DATABASE_URL in the environment instead")
-    with database_url(options) as (url, hooks, _):
+    with database_url(options, stop) as (url, hooks):
         options = replace(options, database=database_settings(url, options),  # shared memory,
                           booted=multiprocessing.Value("i", 0),  # made before the workers fork
                           boot_error=multiprocessing.Array("c", BOOT_ERROR_BYTES + 1))
@@ -1287,7 +1290,7 @@ def main(argv=None):
         if checks and checks.command(args):  # --list, --check, --database-only
             return checks.command(args)(args, stop)
         check_installed(args.setup, embedded=not args.database_url)
-        return serve(options_from(args, checks), checks)
+        return serve(options_from(args, checks), checks, stop)
     except LabError as exc:
         say(f"error: {exc}")
         return 2

@@ -631,6 +631,10 @@ def main(argv=None):
         run.stop_all()
         run.remove_work()
         procs.drop_unwritable_output()
+        # Python's tear-down puts back the default action of the signals it handled: a second
+        # Ctrl-C then would kill us (exit -2) instead of changing nothing. Ignored, it does not.
+        for sig in procs.STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
     return 128 + run.signum if run.signum is not None else status
 
 
