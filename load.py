@@ -248,14 +248,20 @@ class Target:
 
     @classmethod
     def from_options(cls, opts):
+        # The scheme and the host[:port] are read here, not by urlsplit(), whose checks
+        # and messages change between Python versions (3.11.2 refuses "[::1]x" as an
+        # "Invalid IPv6 URL", 3.11.7 lets it through): each URL gets the same answer
+        # from load.py on every Python.
+        scheme, slashes, rest = opts.url.partition("://")
+        if not slashes or scheme.lower() != "http":
+            raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
+        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]  # as urlsplit() splits it
+        authority = netloc.rpartition("@")[2]  # host[:port], as typed
+        host, port = url_host_port(authority, opts.url)
         try:
-            parts = urlsplit(opts.url)
+            parts = urlsplit(opts.url)  # for the path and query only
         except ValueError as exc:
             raise UsageError(f"invalid URL {opts.url!r}: {exc}") from None
-        if parts.scheme != "http":
-            raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
-        authority = parts.netloc.rpartition("@")[2]  # host[:port], as typed
-        host, port = url_host_port(authority, opts.url)
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      safe="/?=&;:@!$'()*+,~%-._")  # as a browser would send it
         host_header = authority.removesuffix(":")  # "host:" (an empty port) means "host"
