@@ -267,9 +267,10 @@ wait_until_healthy() {  # NAME URL PID LOG, repeated
 }
 
 # Each lab's settings where this run changes them (--scale, --workers), as JSON beside its
-# figures (SETUP.settings): report.py's model reads them.
-write_settings() {
-  "$PY" - "$work" "$scale" "$workers" "${!lab_port[@]}" <<'EOF'
+# figures (SETUP.settings): report.py's model reads them. Started as the other children are:
+# it runs while PostgreSQL starts, and a Ctrl-C then must not give a KeyboardInterrupt
+# traceback from it (a child in the foreground gets the Ctrl-C too; this one imports lab).
+read -r -d '' write_settings_py <<'EOF' || true
 import json, sys
 from pathlib import Path
 import lab
@@ -280,6 +281,9 @@ for setup in setups:
         settings["workers"] = int(workers)
     Path(work, f"{setup}.settings").write_text(json.dumps(settings))
 EOF
+write_settings() {
+  start "$PY" -c "$write_settings_py" "$work" "$scale" "$workers" "${!lab_port[@]}"
+  wait_for "${children[-1]}" || die "could not write each lab's settings in $work"
 }
 
 # --- the services, all started at once -------------------------------------------------------
