@@ -27,11 +27,13 @@ events belong to which run.
 Exit codes: 0 when at least one response arrived (any status), 1 when none did,
 130 when interrupted with Ctrl-C (the report still prints), and 2, with one line
 "load.py: error: ..." on stderr, for a bad flag or URL, a --save file that cannot
-be written, or too few threads or open files for -c; these are found before the
-first request is sent.
+be written, or too few threads, memory or open files for -c; these are found before
+the first request is sent.
 """
 
+import _thread
 import argparse
+import contextlib
 import heapq
 import ipaddress
 import json
@@ -75,6 +77,9 @@ MAX_CONCURRENCY = 10_000  # threads; far more than a laptop can start anyway
 # A worker needs little stack; the default (often 8 MiB) would have 1,000 workers reserve
 # 8 GiB of address space, which a `ulimit -v` or a strict overcommit policy refuses.
 WORKER_STACK = 256 * 1024
+# How long a thread the system created may take to begin running before it counts as one that
+# could not start (see Spawned); only a failing start waits this long.
+START_TIMEOUT_S = 5.0
 # Open files besides the workers' sockets: stdin/out/err, --save's file, and some spare.
 SPARE_FILES = 16
 
@@ -243,14 +248,20 @@ class Target:
 
     @classmethod
     def from_options(cls, opts):
+        # The scheme and the host[:port] are read here, not by urlsplit(), whose checks
+        # and messages change between Python versions (3.11.2 refuses "[::1]x" as an
+        # "Invalid IPv6 URL", 3.11.7 lets it through): each URL gets the same answer
+        # from load.py on every Python.
+        scheme, slashes, rest = opts.url.partition("://")
+        if not slashes or scheme.lower() != "http":
+            raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
+        netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]  # as urlsplit() splits it
+        authority = netloc.rpartition("@")[2]  # host[:port], as typed
+        host, port = url_host_port(authority, opts.url)
         try:
-            parts = urlsplit(opts.url)
+            parts = urlsplit(opts.url)  # for the path and query only
         except ValueError as exc:
             raise UsageError(f"invalid URL {opts.url!r}: {exc}") from None
-        if parts.scheme != "http":
-            raise UsageError(f"URL must start with http:// (https is not supported): {opts.url}")
-        authority = parts.netloc.rpartition("@")[2]  # host[:port], as typed
-        host, port = url_host_port(authority, opts.url)
         path = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
                      safe="/?=&;:@!$'()*+,~%-._")  # as a browser would send it
         host_header = authority.removesuffix(":")  # "host:" (an empty port) means "host"
@@ -553,6 +564,9 @@ class Worker:
             self.gate.wait()
         except threading.BrokenBarrierError:
             return
+        except MemoryError:  # no room left even to wait: the run is refused (start_threads)
+            self.gate.abort()
+            return
         self._loop()
 
     def _loop(self):
@@ -632,15 +646,90 @@ def share(total, parts):
     return [base + (i < extra) for i in range(parts)]
 
 
-class Progress(threading.Thread):
+class Spawned:
+    """A daemon thread that is seen to run, or seen not to, within START_TIMEOUT_S.
+
+    threading.Thread.start() waits with no time limit for the new thread to say that it
+    runs. A thread the system did create but that cannot make its first Python call (a
+    MemoryError: its frame stack is allocated then, and an address-space limit such as
+    `ulimit -v` may leave no room for it) dies without saying so, and start() waits
+    forever: CPython issue gh-140746, in every version. Which limits land in that window
+    depends on the interpreter's build and memory layout (Debian's 3.11.2 hung at
+    `ulimit -v 976562` where pyenv's 3.11.7 refused cleanly, and 3.11.7 hangs at other
+    limits), so load.py starts its threads with _thread and waits for them itself.
+    """
+
+    def __init__(self, target):
+        self._target = target
+        self._running = _thread.allocate_lock()
+        self._done = _thread.allocate_lock()
+
+    def start(self):
+        """True once the thread runs; False when it did not begin within START_TIMEOUT_S.
+
+        RuntimeError or MemoryError when the system refuses the thread outright. (Call it
+        under quiet_thread_deaths().)
+        """
+        self._running.acquire()
+        self._done.acquire()
+        try:
+            _thread.start_new_thread(self._run, ())
+        except BaseException:
+            self._running.release()
+            self._done.release()
+            raise
+        return self._running.acquire(timeout=START_TIMEOUT_S)
+
+    def _run(self):
+        self._running.release()
+        try:
+            self._target()
+        finally:
+            self._done.release()
+
+    def join(self, timeout=-1):
+        """Wait for the thread to end (at most `timeout` seconds); True if it did."""
+        if not self._done.acquire(timeout=timeout):
+            return False
+        self._done.release()
+        return True
+
+
+@contextlib.contextmanager
+def quiet_thread_deaths():
+    """Drop unraisable exceptions while threads start.
+
+    A thread that dies before it runs (or as it starts waiting, out of memory) has CPython
+    print "Exception ignored in thread started by ..." from that thread; load.py says what
+    happened in its own one line instead. bool is a hook that needs no memory to run.
+    """
+    hook, sys.unraisablehook = sys.unraisablehook, bool
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+
+
+class Progress:
     """Rewrites one status line on stderr while a long run is going."""
 
     def __init__(self, workers, planned, duration, release_time):
-        super().__init__(daemon=True)
         self.workers, self.planned, self.duration = workers, planned, duration
         self.release_time = release_time
         self.finished = threading.Event()
         self.shown = False
+        self.thread = Spawned(self.run)
+
+    def start(self):
+        """Start the status line's thread; False (and no status line) if none could start."""
+        try:
+            with quiet_thread_deaths():
+                if self.thread.start():
+                    return True
+        except (RuntimeError, MemoryError):
+            pass
+        self.finished.set()  # if it does begin after all, it stops at once
+        return False
 
     def run(self):
         if self.finished.wait(PROGRESS_AFTER_S):
@@ -659,7 +748,7 @@ class Progress(threading.Thread):
 
     def close(self):
         self.finished.set()
-        self.join()
+        self.thread.join()
         if self.shown:
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
@@ -703,24 +792,46 @@ class Run:
 
 
 def start_threads(threads, gate):
-    """Start the workers, each on a WORKER_STACK stack; they wait at `gate`.
+    """Start the workers (Spawned), each on a WORKER_STACK stack, and meet them at `gate`.
 
-    At the system's thread limit, the gate is broken (the started ones return at
+    At the system's thread limit, or when a thread was created but never ran or could not
+    wait at the gate (too little memory), the gate is broken (the started ones return at
     once) and the run refused: no request has been sent yet.
     """
+    with quiet_thread_deaths():
+        try:
+            _start_and_meet(threads, gate)
+        except MemoryError:  # here, in this thread
+            refuse_start(threads, len(threads), gate, "out of memory")
+
+
+def _start_and_meet(threads, gate):
     previous = threading.stack_size(WORKER_STACK)
     try:
         for started, thread in enumerate(threads):
             try:
-                thread.start()
-            except RuntimeError:
-                gate.abort()
-                for running in threads[:started]:
-                    running.join()
-                raise UsageError(f"cannot start {len(threads)} threads (only {started}): "
-                                 "lower -c") from None
+                running = thread.start()
+            except (RuntimeError, MemoryError):
+                running = False
+            if not running:
+                refuse_start(threads, started, gate, f"only {started}")
     finally:
         threading.stack_size(previous)
+    try:
+        # Each worker said it runs just before it waits here: only one that died on its
+        # way (out of memory) keeps the others waiting, and then the gate breaks.
+        gate.wait(START_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        refuse_start(threads, len(threads), gate, "not all of them could run")
+
+
+def refuse_start(threads, started, gate, why):
+    """Break the gate, let the started workers return, and refuse the run."""
+    gate.abort()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for index in range(started):  # no slice: memory may be short
+        threads[index].join(max(0.0, deadline - time.monotonic()))
+    raise UsageError(f"cannot start {len(threads)} threads ({why}): lower -c")
 
 
 def run_load(opts, show_progress=False):
@@ -737,7 +848,7 @@ def run_load(opts, show_progress=False):
 
     gate = threading.Barrier(opts.c + 1, action=release)
     workers = [Worker(opts.target, n, opts.q, gate, stop, errors, keep) for n in counts]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in workers]
+    threads = [Spawned(w.run) for w in workers]
     progress = None
     interrupted = False
     if threading.current_thread() is threading.main_thread():
@@ -745,10 +856,10 @@ def run_load(opts, show_progress=False):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         start_threads(threads, gate)
-        gate.wait()
         if show_progress:
             progress = Progress(workers, opts.n, opts.duration, clock[0])
-            progress.start()
+            if not progress.start():
+                progress = None
         if opts.duration is not None:
             stop.wait(opts.duration - (time.perf_counter() - clock[0]))
             stop.set()  # workers finish the request they are in, then stop (as hey)
@@ -1024,6 +1135,8 @@ def main(argv=None):
         run = run_load(opts, show_progress=sys.stderr.isatty())
     except UsageError as exc:
         return _usage_error(exc)
+    except MemoryError:  # under an address-space limit (ulimit -v) too low for -c threads
+        return _usage_error(f"out of memory with -c {opts.c}: lower -c")
     if threading.current_thread() is threading.main_thread():
         # The run is over: a Ctrl-C now would only cut the report (and --save) short with a
         # KeyboardInterrupt traceback, even during the interpreter's exit. It is ignored, as

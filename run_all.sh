@@ -118,9 +118,16 @@ wait_for() {
 # requirements include the lab's own).
 ensure_venv() {
   local wanted=$1 stamp
-  if [[ ! -x $PY ]]; then
-    echo "run_all.sh: creating $VENV (first run only)" >&2
-    python3 -m venv "$VENV" || die "could not create $VENV (on Debian: apt-get install python3-venv)"
+  # A .venv without pip is one whose creation failed half-way (Debian's python3 without
+  # python3-venv leaves python in it, then stops): it is made again, not used.
+  if [[ ! -x $PY || ! -e $VENV/bin/pip ]]; then
+    if [[ -e $VENV ]]; then
+      echo "run_all.sh: making $VENV again (it has no pip: an earlier creation failed)" >&2
+    else
+      echo "run_all.sh: creating $VENV (first run only)" >&2
+    fi
+    python3 -m venv --clear "$VENV" ||
+      die "could not create $VENV (on Debian or Ubuntu: apt-get install python3-venv, as root)"
   fi
   stamp=$VENV/.installed-$(python3 -c 'import hashlib, pathlib, sys
 print(hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in sys.argv[1:])).hexdigest()[:16])

@@ -26,6 +26,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
+# Ctrl-C (SIGINT to a process group) is one of the things the tests send. A shell starts a
+# background job (`./run_all.sh --test &`, nohup, some CI runners) with SIGINT ignored, every
+# child inherits that, and then bash cannot even trap it: run_all.sh and lab.py would shrug
+# the Ctrl-C off and those tests fail. With a handler here, each process the tests start
+# begins with SIGINT at its default again (a handler, unlike "ignored", is not inherited).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config, items):
+    """@pytest.mark.root tests are skipped unless we are root (see pyproject.toml)."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        marker = item.get_closest_marker("root")
+        if marker is not None and not marker.kwargs.get("also_as_user"):
+            item.add_marker(pytest.mark.skip(reason="needs root: what lab.py does only as root "
+                                             "(CI runs these as root, with -m root)"))
+
 
 def free_port():
     with socket.socket() as s:

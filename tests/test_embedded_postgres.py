@@ -30,8 +30,9 @@ from labkit import postgres, procs
 STOPPED = re.compile(r"^lab\.py: embedded PostgreSQL stopped \((.+)\); starting it again$",
                      re.MULTILINE)
 GAVE_UP = "embedded PostgreSQL did not stay up after 3 restarts"
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the server then runs as "
-                               "another user, from a copy of the wheel's PostgreSQL")
+# What differs as root (a copy of the install in the cache, the awl-postgres user, /var/cache):
+# pytest.mark.root, registered in pyproject.toml, skipped unless root (see conftest.py).
+as_root_too = pytest.mark.root(also_as_user=True)  # runs as anyone, and in CI's root pass
 
 
 def use_cache(sandbox, cache):
@@ -141,6 +142,7 @@ def first_seen(proc, pattern, timeout):
 
 # --- 1. the template: made once by initdb, copied at each start ------------------------------
 
+@as_root_too
 def test_the_template_is_made_once_then_copied_at_each_start(sandbox):
     started = time.monotonic()
     proc = start_database(sandbox)
@@ -171,6 +173,7 @@ def test_the_template_is_made_once_then_copied_at_each_start(sandbox):
     print(f"start-up to DATABASE_URL: {cold:.2f} s with an empty cache, {warm:.2f} s after")
 
 
+@as_root_too
 def test_two_labs_building_at_once_share_one_template(sandbox):
     procs = [start_database(sandbox) for _ in range(2)]
     urls = [database_url(proc) for proc in procs]
@@ -189,14 +192,12 @@ def test_two_labs_building_at_once_share_one_template(sandbox):
 
 
 @pytest.mark.parametrize("moment, sig, group", [
-    ("install", signal.SIGTERM, False),
+    pytest.param("install", signal.SIGTERM, False, marks=pytest.mark.root),  # copied as root
     ("initdb", signal.SIGINT, True),
     ("initdb", signal.SIGTERM, False),
     ("initdb", signal.SIGHUP, False),
 ], ids=["install-term", "initdb-ctrl-c", "initdb-term", "initdb-hup"])
 def test_interrupted_while_building_the_cache_leaves_nothing(sandbox, moment, sig, group):
-    if moment == "install" and os.geteuid() != 0:
-        pytest.skip("the install is copied only as root")
     proc = start_database(sandbox)
     try:
         if moment == "install":
@@ -262,7 +263,7 @@ def test_a_cache_folder_others_may_write_to_is_one_line(sandbox):
     assert sandbox.files() == []
 
 
-@root_only
+@pytest.mark.root
 def test_initdb_failing_is_one_line_and_leaves_nothing_half_built(sandbox, warm_cache):
     """A damaged install in the cache (its postgres.bki gone): initdb itself fails."""
     fill_cache(sandbox, warm_cache)
@@ -287,7 +288,7 @@ def completed(proc):
 
 # --- 2. as root: nothing of the user's opened to others -------------------------------------
 
-@root_only
+@pytest.mark.root
 def test_as_root_a_private_checkout_stays_private(sandbox):
     """The wheel and lab.py under a 0700 folder: the lab runs PostgreSQL from its own copy, as
     a system user with no login, and changes the mode of no folder on the way."""
@@ -331,6 +332,25 @@ def test_as_root_a_private_checkout_stays_private(sandbox):
         assert (sandbox.cache / install).stat().st_mode & 0o777 == 0o755
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.mark.root
+def test_as_root_the_cache_is_under_var_cache(monkeypatch):
+    monkeypatch.delenv(postgres.CACHE_ENV, raising=False)
+    folder = postgres.cache_folder()
+    assert folder == Path("/var/cache/async-workers-lab")
+    info = folder.stat()
+    assert info.st_uid == 0 and info.st_mode & 0o777 == 0o755, oct(info.st_mode)
+
+
+def test_as_a_user_the_cache_is_in_the_users_own(monkeypatch, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("as root the cache is /var/cache/async-workers-lab")
+    monkeypatch.delenv(postgres.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = postgres.cache_folder()
+    assert folder == tmp_path / "cache" / "async-workers-lab"
+    assert folder.stat().st_uid == os.geteuid()
 
 
 # --- 3. what a kill -9 leaves, the next start removes ---------------------------------------
@@ -381,7 +401,8 @@ def tmpdir_of_length(sandbox, length):
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "a file", "not writable", "too long"])
+@pytest.mark.parametrize("case", ["missing", "a file",
+                                  pytest.param("not writable", marks=as_root_too), "too long"])
 def test_a_bad_tmpdir_is_one_line(sandbox, warm_cache, case):
     use_cache(sandbox, warm_cache)
     if case == "missing":

@@ -491,3 +491,79 @@ def test_a_soft_open_file_limit_is_raised_to_the_hard_one(server):
     proc = load_with_file_limit(64, 1024, "--json", "-n", "200", "-c", "200", f"{server}/")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["status_codes"] == {"200": 200}
+
+
+
+# --- Threads that never run ------------------------------------------------------
+# Under an address-space limit a thread the system created may die (MemoryError) before it
+# runs a line, or as it starts waiting at the gate. threading.Thread.start() would wait for
+# it forever (CPython gh-140746); load.py must refuse the run in one line instead. Here the
+# death is made to happen, in the same places, without a limit (the real limit is in
+# test_cli_errors_tools.py, on each Python found).
+
+
+def refused_start(monkeypatch, capfd):
+    """load.run_load() of 5 threads: the UsageError's message and how long it took."""
+    monkeypatch.setattr(load, "START_TIMEOUT_S", 0.5)
+    opts = load.parse_args(["-n", "5", "-c", "5", "http://127.0.0.1:9/"])
+    started = time.monotonic()
+    with pytest.raises(load.UsageError) as refused:
+        load.run_load(opts)
+    elapsed = time.monotonic() - started
+    assert capfd.readouterr() == ("", "")  # not CPython's "Exception ignored in thread ..."
+    return str(refused.value), elapsed
+
+
+def test_a_thread_that_dies_before_it_runs_refuses_the_run(monkeypatch, capfd):
+    real, seen = load.Spawned._run, []
+
+    def first_call(self):  # as when CPython cannot push the new thread's first frame
+        seen.append(self)
+        if len(seen) == 4:
+            raise MemoryError
+        real(self)
+
+    monkeypatch.setattr(load.Spawned, "_run", first_call)
+    message, elapsed = refused_start(monkeypatch, capfd)
+    assert message == "cannot start 5 threads (only 3): lower -c"
+    assert elapsed < 3
+
+
+def test_a_thread_that_dies_on_its_way_to_the_gate_refuses_the_run(monkeypatch, capfd):
+    real, seen = load.Worker.run, []
+
+    def run(self):  # the fifth says it runs, then dies before it waits at the gate
+        seen.append(self)
+        if len(seen) == 5:
+            raise MemoryError
+        real(self)
+
+    monkeypatch.setattr(load.Worker, "run", run)
+    message, elapsed = refused_start(monkeypatch, capfd)
+    assert message == "cannot start 5 threads (not all of them could run): lower -c"
+    assert elapsed < 3
+
+
+def test_a_thread_out_of_memory_at_the_gate_breaks_it_at_once(monkeypatch, capfd):
+    real, seen = load.Worker.run, []
+
+    class Gate:  # the real gate, but the third worker's wait runs out of memory
+        def __init__(self, gate):
+            self.gate = gate
+
+        def wait(self):
+            raise MemoryError
+
+        def abort(self):
+            self.gate.abort()
+
+    def run(self):
+        seen.append(self)
+        if len(seen) == 3:
+            self.gate = Gate(self.gate)
+        real(self)
+
+    monkeypatch.setattr(load.Worker, "run", run)
+    message, elapsed = refused_start(monkeypatch, capfd)
+    assert message == "cannot start 5 threads (not all of them could run): lower -c"
+    assert elapsed < 0.5  # the gate broke: nothing waited for START_TIMEOUT_S
