@@ -86,6 +86,12 @@ class Setup:
     pool: dict = None
 
 
+# The model where queries block the event loop (psycopg2 under almost_all, psycopg 3 imported
+# too early): the slow service keeps sleeping while the worker is stuck in a query, so HTTP
+# waits hide behind DB waits; DB waits never overlap within a worker (a stuck worker accepts
+# nothing, so the others take the rest: each runs about n / workers of them).
+SERIAL_QUERIES = {"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
+                  "*": "rounds*t"}
 SETUPS = {
     "nothing": Setup(
         server="sync",
@@ -101,11 +107,7 @@ SETUPS = {
         why="gevent worker, monkey-patched stdlib: waits on Python sockets (the slow HTTP call) "
             "yield to other requests, but psycopg2 waits inside libpq, which gevent cannot "
             "see, so each query blocks the whole event loop.",
-        # The slow service keeps sleeping while the worker is stuck in psycopg2, so HTTP waits
-        # hide behind DB waits; DB waits never overlap within a worker (a stuck worker accepts
-        # nothing, so the others take the rest: each runs about n / workers of them).
-        model={"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
-               "*": "rounds*t"},
+        model=SERIAL_QUERIES,
     ),
     "all": Setup(
         server="gevent",
@@ -151,8 +153,7 @@ SETUPS = {
         why="The trap: psycopg 3 imported before gevent patches (here in Gunicorn's master, "
             "as a config file or --preload does) keeps its C wait function, which blocks the "
             "hub: queries run one at a time, as with psycopg2 in almost_all.",
-        model={"db": "ceil(n / workers) * d", "both": "h + ceil(n / workers) * d",
-               "*": "rounds*t"},  # almost_all's: the same serial queries
+        model=SERIAL_QUERIES,  # almost_all's: the same serial queries
         on_starting=import_psycopg_in_master,
         driver="psycopg",
     ),
