@@ -28,6 +28,7 @@ from collections import Counter
 from datetime import datetime
 from html import escape
 from pathlib import Path
+from stat import S_ISDIR
 
 import lab
 from labkit import checks, plan, sampler
@@ -393,13 +394,21 @@ def check_html_path(path, flag="--html"):
         raise ReportError(f"{flag} needs a file name")
     target = Path(os.path.abspath(path))
     folder = target.parent
-    if target.is_dir():
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    except PermissionError:  # a folder on the way we may not even enter (/root, as a user)
+        raise ReportError(f"{flag}: cannot write into {folder}: permission denied") from None
+    except OSError:  # a file where a folder should be, a loop of links: no such folder
+        raise ReportError(f"{flag}: no such directory: {folder}") from None
+    if info is not None and S_ISDIR(info.st_mode):
         raise ReportError(f"{flag}: '{path}' is a directory, not a file name")
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         raise ReportError(f"{flag}: no such directory: {folder}")
-    if target.exists() and not os.access(target, os.W_OK):
+    if info is not None and not os.access(target, os.W_OK):
         raise ReportError(f"{flag}: cannot write {target}: permission denied")
-    if not target.exists() and not os.access(folder, os.W_OK | os.X_OK):
+    if info is None and not os.access(folder, os.W_OK | os.X_OK):
         raise ReportError(f"{flag}: cannot write into {folder}: permission denied")
     return target
 
