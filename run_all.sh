@@ -98,6 +98,13 @@ if ((${#missing[@]})); then
   die "not found on PATH: ${names// /, } (PATH=${PATH-})"
 fi
 
+# The door's own short Python calls (the requirements' hash, making .venv) and the hand-over
+# run with the stop signals held back (blocked, not ignored): a Ctrl-C to the process group
+# that lands while such a Python starts would otherwise be a "Fatal Python error ...
+# KeyboardInterrupt" traceback. This script takes the signal itself (its trap, below).
+hold=()
+env --block-signal=INT,TERM,HUP true 2>/dev/null && hold=(env --block-signal=INT,TERM,HUP)
+
 # Children run in the background and we `wait` for them: a signal then interrupts the wait at
 # once, where a foreground child would make bash hold the trap until the child ends.
 start() {
@@ -126,10 +133,10 @@ ensure_venv() {
     else
       echo "run_all.sh: creating $VENV (first run only)" >&2
     fi
-    python3 -m venv --clear "$VENV" ||
+    "${hold[@]}" python3 -m venv --clear "$VENV" ||
       die "could not create $VENV (on Debian or Ubuntu: apt-get install python3-venv, as root)"
   fi
-  stamp=$VENV/.installed-$(python3 -c 'import hashlib, pathlib, sys
+  stamp=$VENV/.installed-$("${hold[@]}" python3 -c 'import hashlib, pathlib, sys
 print(hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in sys.argv[1:])).hexdigest()[:16])
 ' requirements*.txt)
   [[ -e $stamp-$wanted || -e $stamp-requirements-dev.txt ]] && return
@@ -150,7 +157,5 @@ ensure_venv requirements.txt
 # The stop signals are held back (blocked, not ignored: one that comes is kept, not lost) from
 # the exec until labkit.run has its handlers, so that an interrupt during Python's start-up is
 # its one line too, not a traceback or a silent death.
-hold=()
-env --block-signal=INT,TERM,HUP true 2>/dev/null && hold=(env --block-signal=INT,TERM,HUP)
 trap - EXIT
 AWL_RUN_FROM=$invoked_from exec "${hold[@]}" "$PY" -m labkit.run "$@"

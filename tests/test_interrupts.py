@@ -37,7 +37,10 @@ INT, TERM, HUP = signal.SIGINT, signal.SIGTERM, signal.SIGHUP
 FIRST = "=== nothing / both"
 LABS = "lab.py --setup"
 MOMENTS = [
-    ([], 0.0, INT), ([], 0.5, TERM), ([], 1.0, HUP), ([], 1.6, INT), ([], 2.3, TERM),
+    # The door's own start: bash, then its short Python calls (a Ctrl-C that lands while such
+    # a Python starts was a "Fatal Python error" traceback, once in a CI run as a user).
+    ([], 0.0, INT), ([], 0.05, INT), ([], 0.1, HUP), ([], 0.2, INT),
+    ([], 0.5, TERM), ([], 1.0, HUP), ([], 1.6, INT), ([], 2.3, TERM),
     ([], (LABS, 0.0), HUP), ([], (LABS, 0.4), INT), ([], (LABS, 1.0), TERM),
     ([], (LABS, 2.0), HUP), ([], (FIRST, 0.0), INT), ([], (FIRST, 1.0), TERM),
     ([], ("Summary:", 0.0), HUP), ([], ("=== almost_all / both", 0.5), INT),
