@@ -38,7 +38,7 @@ from labkit import procs
 CACHE_ENV = "AWL_CACHE_DIR"  # where the template and the copied install live (see cache_folder)
 WHEEL_PG = "pginstall18"  # the wheel's PostgreSQL 18 (it also carries 16, in pginstall/)
 DATA_PREFIX = "awl-pg-"  # + 8 characters from mkdtemp
-OWNER_FILE = "owner.json"  # in each folder we create: whose it is (see owner_gone)
+OWNER_FILE = procs.OWNER_NOTE  # in each folder we create: whose it is
 SOCKET_NAME = ".s.PGSQL.5432"
 MAX_SOCKET_PATH = 107  # bytes: a Unix socket address holds 108, with the final NUL
 NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false")
@@ -205,23 +205,10 @@ def postmaster_alive(folder):
 
 
 def remove_abandoned(parent, prefix, owners):
-    """Remove the folders `prefix*` in `parent`, owned by a uid in `owners`, whose lab is gone."""
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    me = procs.owner_note()
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        folder = Path(entry.path)
-        if (entry.is_dir(follow_symlinks=False) and info.st_uid in owners
-                and procs.folder_owner_gone(folder, OWNER_FILE, me)
-                and not postmaster_alive(folder)):
+    """Remove the folders `prefix*` in `parent`, owned by a uid in `owners`, whose lab is gone
+    (procs.abandoned_folders), unless a postmaster still shuts down in one."""
+    for folder in procs.abandoned_folders(parent, prefix, OWNER_FILE, owners):
+        if not postmaster_alive(folder):
             remove_tree(folder)
 
 
